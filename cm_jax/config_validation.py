@@ -1,0 +1,92 @@
+"""Checks a config before any work starts; every error names the field and the fix."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cm_jax import input_pipeline
+
+CHOICES = {
+    'data.source': ('auto', 'tfds', 'local'),
+    'model.name': ('unet',),
+    'model.embedding': ('fourier', 'positional'),
+    'loss.name': ('ct',),
+    'loss.schedule': ('exponential', 'adaptive'),
+    'loss.index_distribution': ('lognormal', 'uniform'),
+    'loss.distance': ('pseudo_huber', 'l2', 'l1'),
+    'loss.weighting': ('inverse_delta', 'uniform'),
+    'loss.target': ('stopgrad', 'ema'),
+    'loss.mu_variant': ('paper', 'official'),
+    'optim.name': ('adam', 'radam'),
+    'optim.decay': ('constant', 'cosine'),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}: {message}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  for field, options in CHOICES.items():
+    value = _get(config, field)
+    _require(value in options, field, f'{value!r} is not one of {list(options)}.')
+  _require(config.data.name in input_pipeline.SUPPORTED, 'data.name',
+           f'{config.data.name!r} is not one of {sorted(input_pipeline.SUPPORTED)}.')
+
+  tc, mc, lc, cc = config.training, config.model, config.loss, config.consistency
+  for field in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'eval_every', 'num_eval_samples',
+                'keep_checkpoints'):
+    _require(tc[field] >= 1, f'training.{field}', f'must be >= 1, got {tc[field]}.')
+  _require(tc.keep_every >= 0, 'training.keep_every', 'must be >= 0 (0 keeps no extra checkpoints).')
+  _require(all(0.0 <= r < 1.0 for r in tc.ema_rates), 'training.ema_rates',
+           f'rates must lie in [0, 1), got {tc.ema_rates}.')
+  _require(len(tc.ema_rates) >= 1, 'training.ema_rates', 'give at least one sampling EMA rate.')
+
+  _require(0 < cc.sigma_min < cc.sigma_max, 'consistency.sigma_min',
+           f'need 0 < sigma_min < sigma_max, got {cc.sigma_min}, {cc.sigma_max}.')
+  _require(cc.sigma_data > 0 and cc.rho > 0, 'consistency.sigma_data', 'sigma_data and rho must be > 0.')
+  _require(cc.sigma_min < config.sampling.two_step_t < cc.sigma_max, 'sampling.two_step_t',
+           f'{config.sampling.two_step_t} must lie strictly between sigma_min and sigma_max.')
+
+  _require(1 <= lc.s0 <= lc.s1, 'loss.s0', f'need 1 <= s0 <= s1, got s0={lc.s0}, s1={lc.s1}.')
+  if lc.schedule == 'adaptive':
+    _require(lc.s0 >= 2, 'loss.s0', 'the adaptive schedule needs s0 >= 2 (N(0) = s0 grid points).')
+  _require(lc.total_steps is None or lc.total_steps >= 1, 'loss.total_steps', 'must be None or >= 1.')
+  _require(0.0 < lc.mu0 < 1.0, 'loss.mu0', f'must lie in (0, 1), got {lc.mu0}.')
+  _require(lc.p_std > 0, 'loss.p_std', 'must be > 0.')
+
+  _require(0.0 <= mc.dropout < 1.0, 'model.dropout', f'must lie in [0, 1), got {mc.dropout}.')
+  _require(len(mc.ch_mult) >= 1 and mc.ch >= 1, 'model.ch_mult', 'need at least one level and ch >= 1.')
+  for mult in mc.ch_mult:
+    _require((mc.ch * mult) % mc.num_groups == 0, 'model.num_groups',
+             f'{mc.num_groups} groups do not divide {mc.ch * mult} channels (ch * ch_mult).')
+  _require(mc.ch % 2 == 0, 'model.ch', 'must be even (it is the time-embedding size).')
+  size = config.data.pad_to or input_pipeline.SUPPORTED[config.data.name].image_shape[0]
+  factor = 2 ** (len(mc.ch_mult) - 1)
+  _require(size % factor == 0, 'model.ch_mult',
+           f'{len(mc.ch_mult)} levels halve the image {len(mc.ch_mult) - 1} times, but size {size} does not '
+           f'divide by {factor}; use fewer levels or set data.pad_to (e.g. 32).')
+  if config.data.pad_to:
+    _require(config.data.pad_to >= input_pipeline.SUPPORTED[config.data.name].image_shape[0], 'data.pad_to',
+             'must be 0 or at least the image size.')
+  _require(config.optim.lr > 0, 'optim.lr', 'must be > 0.')
+  _require(config.optim.warmup_steps >= 0 and config.optim.grad_clip >= 0, 'optim.warmup_steps',
+           'warmup_steps and grad_clip must be >= 0.')
+
+
+def validate_batch(batch_size: int, device_count: int, process_count: int) -> None:
+  """The global batch must split evenly over devices (and processes)."""
+  if batch_size % device_count or batch_size % process_count:
+    raise ValueError(
+        f'config.training.batch_size = {batch_size} does not divide by the {device_count} devices '
+        f'({process_count} processes); use a multiple of {device_count}, e.g. '
+        f'--config.training.batch_size={max(device_count, batch_size // device_count * device_count)}.')

@@ -1,0 +1,34 @@
+"""Binds a Linen network to the preconditioning of cm_jax/karras.py: f_theta(x, sigma)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+
+from cm_jax import karras
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """f(params, x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+  sigma_min is eps for a consistency model (boundary condition f(x, eps) = x) and 0 for an EDM denoiser.
+  A dropout rng switches the network to training mode; pass the same rng to student and target calls so
+  both see the same dropout mask.
+  """
+  model: nn.Module
+  sigma_data: float
+  sigma_min: float
+
+  def __call__(self, params: Any, x_BHWC: jax.Array, sigma_B: jax.Array,
+               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    train = dropout_rng is not None
+    rngs = {'dropout': dropout_rng} if train else {}
+
+    def net(x_in_BHWC, c_noise_B):
+      return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, train=train, rngs=rngs)
+
+    return karras.precondition(net, x_BHWC, sigma_B, sigma_data=self.sigma_data, sigma_min=self.sigma_min)

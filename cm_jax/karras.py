@@ -1,0 +1,169 @@
+"""Pure maths of consistency models: the Karras noise grid, preconditioning, schedules.
+
+Conventions (see README, "Maths conventions"):
+- The grid is indexed ascending, as in the CM paper: index 0 is sigma_min (eps), index N-1 is sigma_max (T).
+  (The official JAX code indexes the same grid descending.)
+- A training pair (n, n+1) uses sigma_n < sigma_{n+1}, n in {0, ..., N-2}.
+- Every function accepts traced values: the number of grid points N may change with the training step
+  inside one compiled train step, so nothing here depends on N being a Python int.
+
+Formulas: CM = Song et al. 2023 (arXiv 2303.01469), iCT = Song & Dhariwal 2023 (arXiv 2310.14189).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid
+# --------------------------------------------------------------------------------------------------
+def karras_sigma(i, num_points, sigma_min: float, sigma_max: float, rho: float):
+  """sigma_i of the N-point Karras grid, ascending (i = 0 gives sigma_min, i = N-1 gives sigma_max).
+
+  sigma_i = (eps^(1/rho) + i/(N-1) (T^(1/rho) - eps^(1/rho)))^rho  (CM eq. 5 with i shifted to start at 0).
+  """
+  i = jnp.asarray(i, jnp.float32)
+  num_points = jnp.asarray(num_points, jnp.float32)
+  lo = sigma_min ** (1.0 / rho)
+  hi = sigma_max ** (1.0 / rho)
+  return (lo + i / (num_points - 1.0) * (hi - lo)) ** rho
+
+
+def karras_grid(num_points: int, sigma_min: float, sigma_max: float, rho: float) -> jnp.ndarray:
+  """The whole ascending grid, shape (num_points,)."""
+  return karras_sigma(jnp.arange(num_points), num_points, sigma_min, sigma_max, rho)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preconditioning: f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s))
+# --------------------------------------------------------------------------------------------------
+def c_skip(sigma, sigma_data: float, sigma_min: float):
+  """sigma_data^2 / ((sigma - eps)^2 + sigma_data^2); exactly 1 at sigma = eps."""
+  return sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+
+
+def c_out(sigma, sigma_data: float, sigma_min: float):
+  """sigma_data (sigma - eps) / sqrt(sigma_data^2 + sigma^2); exactly 0 at sigma = eps."""
+  return sigma_data * (sigma - sigma_min) / jnp.sqrt(sigma_data**2 + sigma**2)
+
+
+def c_in(sigma, sigma_data: float):
+  """1 / sqrt(sigma^2 + sigma_data^2)."""
+  return 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
+
+
+def c_noise(sigma):
+  """0.25 ln(sigma): the network's noise conditioning input."""
+  return 0.25 * jnp.log(sigma)
+
+
+def precondition(net_fn, x_BHWC, sigma_B, *, sigma_data: float, sigma_min: float):
+  """Consistency function (sigma_min = eps) or EDM denoiser (sigma_min = 0) around a raw network.
+
+  net_fn(x_in_BHWC, c_noise_B) -> F_BHWC. Returns c_skip x + c_out F. At sigma = sigma_min the skip
+  weight is exactly 1 and the output weight exactly 0, so f(x, eps) == x bit for bit.
+  """
+  def expand(v_B):
+    return v_B.reshape((-1,) + (1,) * (x_BHWC.ndim - 1))
+  sigma_B = jnp.asarray(sigma_B, x_BHWC.dtype)
+  f_BHWC = net_fn(expand(c_in(sigma_B, sigma_data)) * x_BHWC, c_noise(sigma_B))
+  return (expand(c_skip(sigma_B, sigma_data, sigma_min)) * x_BHWC
+          + expand(c_out(sigma_B, sigma_data, sigma_min)) * f_BHWC)
+
+
+# --------------------------------------------------------------------------------------------------
+# Discretisation schedules N(k) and target EMA mu(k); k = training step, K = total steps
+# --------------------------------------------------------------------------------------------------
+def ct_num_points(step, total_steps: int, s0: int, s1: int):
+  """CM appendix C: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (int32).
+
+  N(0) = s0 and N(K) = s1 + 1. Computed in float32; agrees with float64 except within ~1e-5 of a
+  jump, which no integer step of a realistic K reaches.
+  """
+  k = jnp.asarray(step, jnp.float32)
+  a = k / total_steps * ((s1 + 1.0) ** 2 - s0**2) + s0**2
+  return (jnp.ceil(jnp.sqrt(a) - 1.0) + 1.0).astype(jnp.int32)
+
+
+def ict_num_points(step, total_steps: int, s0: int, s1: int):
+  """iCT exponential curriculum: N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K/(log2 floor(s1/s0) + 1)).
+
+  With s0 = 10, s1 = 1280, N goes 11, 21, 41, ..., 1281. Exact integer arithmetic.
+  """
+  stage_steps = max(1, int(total_steps // (np.log2(s1 // s0) + 1)))
+  stage = jnp.asarray(step, jnp.int32) // stage_steps
+  max_stage = int(np.ceil(np.log2(max(s1 / s0, 1.0))))  # s0 2^max_stage >= s1, and no int32 overflow.
+  stage = jnp.minimum(stage, max_stage)
+  return jnp.minimum(s0 * 2**stage, s1) + 1
+
+
+def ct_target_decay(num_points, s0: int, mu0: float, variant: str):
+  """Target-network EMA rate mu(k) of CM (2023) consistency training.
+
+  'paper':    mu = exp(s0 ln(mu0) / N(k))      (CM appendix C); mu(0) = mu0 when N(0) = s0.
+  'official': mu = exp(s0 ln(mu0) / (N(k)-1))  (openai code);  mu(0) = mu0^s0 when N(0) = s0 = 2.
+  """
+  n = jnp.asarray(num_points, jnp.float32)
+  denominators = {'paper': n, 'official': n - 1.0}
+  if variant not in denominators:
+    raise ValueError(f'Unknown mu variant {variant!r}; choose one of {sorted(denominators)} '
+                     '(config field loss.mu_variant).')
+  return jnp.exp(s0 * np.log(mu0) / denominators[variant])
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise-index distributions over n in {0, ..., N-2}; `max_points` is a static upper bound on N
+# --------------------------------------------------------------------------------------------------
+def lognormal_index_logits(num_points, max_points: int, sigma_min: float, sigma_max: float, rho: float,
+                           p_mean: float, p_std: float):
+  """iCT discretised lognormal: p(n) ~ erf((ln s_{n+1} - Pm)/(sqrt2 Ps)) - erf((ln s_n - Pm)/(sqrt2 Ps)).
+
+  Returns log-probabilities, shape (max_points - 1,), -inf for n >= N - 1 (unnormalised is fine for
+  jax.random.categorical; use jax.nn.softmax to get probabilities).
+  """
+  n = jnp.arange(max_points - 1)
+  sigma_lo = karras_sigma(n, num_points, sigma_min, sigma_max, rho)
+  sigma_hi = karras_sigma(n + 1, num_points, sigma_min, sigma_max, rho)
+  def cdf_term(s):
+    return jax.scipy.special.erf((jnp.log(s) - p_mean) / (np.sqrt(2.0) * p_std))
+  mass = cdf_term(sigma_hi) - cdf_term(sigma_lo)
+  valid = n < num_points - 1
+  return jnp.where(valid & (mass > 0), jnp.log(jnp.where(valid & (mass > 0), mass, 1.0)), -jnp.inf)
+
+
+def uniform_index_logits(num_points, max_points: int):
+  """CM (2023): n uniform on {0, ..., N-2}; as log-probabilities of shape (max_points - 1,)."""
+  n = jnp.arange(max_points - 1)
+  return jnp.where(n < num_points - 1, 0.0, -jnp.inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distances (per sample, shape (B,)) and loss weights
+# --------------------------------------------------------------------------------------------------
+def pseudo_huber_constant(dim: int) -> float:
+  """iCT: c = 0.00054 sqrt(D), D = H*W*C (0.0299 for 32x32x3, 0.0151 for 28x28x1)."""
+  return 0.00054 * float(np.sqrt(dim))
+
+
+def l2_distance(a_BHWC, b_BHWC):
+  """Mean squared error per sample."""
+  return jnp.mean(jnp.square(a_BHWC - b_BHWC), axis=tuple(range(1, a_BHWC.ndim)))
+
+
+def l1_distance(a_BHWC, b_BHWC):
+  """Mean absolute error per sample."""
+  return jnp.mean(jnp.abs(a_BHWC - b_BHWC), axis=tuple(range(1, a_BHWC.ndim)))
+
+
+def pseudo_huber_distance(a_BHWC, b_BHWC, c: float):
+  """iCT pseudo-Huber over the whole sample vector: sqrt(||a - b||_2^2 + c^2) - c (not per pixel)."""
+  sq = jnp.sum(jnp.square(a_BHWC - b_BHWC), axis=tuple(range(1, a_BHWC.ndim)))
+  return jnp.sqrt(sq + c**2) - c
+
+
+def inverse_delta_weight(sigma_lo, sigma_hi):
+  """iCT loss weight lambda(sigma_n) = 1 / (sigma_{n+1} - sigma_n)."""
+  return 1.0 / (sigma_hi - sigma_lo)

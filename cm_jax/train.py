@@ -1,0 +1,234 @@
+r"""Consistency training: `python -m cm_jax.train --config=configs/mnist_ct.py --workdir=DIR`.
+
+`train_and_evaluate(config, workdir)` is the one entry point (CLI, tests, notebooks). A workdir is a run:
+starting again in a workdir that holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from cm_jax import checkpointing
+from cm_jax import config_validation
+from cm_jax import images
+from cm_jax import input_pipeline
+from cm_jax import losses
+from cm_jax import models
+from cm_jax import sampling
+from cm_jax import train_state as ts
+from cm_jax.denoiser import Denoiser
+
+
+def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
+  cc = config.consistency
+  return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=cc.sigma_min)
+
+
+def train_step(state: ts.TrainState, batch_BHWC, *, loss_fn, target_decay, tx, config: ml_collections.ConfigDict):
+  """One optimisation step. batch_BHWC is uint8; returns (new state, metrics of this step)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  rng_flip, rng_loss = jax.random.split(rng)
+  x0_BHWC = input_pipeline.to_model_range(batch_BHWC)
+  if config.data.random_flip:
+    flip_B = jax.random.bernoulli(rng_flip, 0.5, (x0_BHWC.shape[0],))
+    x0_BHWC = jnp.where(flip_B[:, None, None, None], x0_BHWC[:, :, ::-1, :], x0_BHWC)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+
+  target_params = None
+  if state.target_params is not None:
+    mu = metrics['mu'] = target_decay(state.step)
+    target_params = ts.ema_update(state.target_params, params, mu)
+  ema_params = tuple(
+      ts.ema_update(ema, params, ts.ema_decay(rate, state.step, config.training.ema_warmup))
+      for ema, rate in zip(state.ema_params, config.training.ema_rates))
+
+  metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  metrics['lr'] = ts.learning_rate_schedule(config)(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
+                            ema_params=ema_params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
+  """Trains (or resumes) the run in `workdir` up to config.training.num_steps; returns the final state."""
+  config_validation.validate(config)
+  tc = config.training
+  if tc.disable_most_optimizations:
+    jax.config.update('jax_disable_most_optimizations', True)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh: one ('data',) axis over every device of every process.
+  # ----------------------------------------------------------------------------------------------
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P('data'))
+  config_validation.validate_batch(tc.batch_size, jax.device_count(), jax.process_count())
+
+  # ----------------------------------------------------------------------------------------------
+  # Input: the whole split in host memory; the batch of step k is a function of (seed, k).
+  # ----------------------------------------------------------------------------------------------
+  train_images = input_pipeline.load_images(config.data, 'train')
+  image_shape = tuple(train_images.shape[1:])
+
+  def global_batch(step: int) -> jax.Array:
+    local = input_pipeline.local_batch(train_images, config.seed, step, tc.batch_size, jax.process_index(),
+                                       jax.process_count())
+    return jax.make_array_from_process_local_data(batch_sharding, local)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
+  # ----------------------------------------------------------------------------------------------
+  denoiser = make_denoiser(config)
+  settings = losses.make_ct_settings(config, image_shape)
+  loss_fn = functools.partial(losses.consistency_training_loss, denoiser=denoiser, settings=settings)
+  tx = ts.make_optimizer(config)
+  abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  logging.info('Model: %s parameters; image shape %s; %d devices, %d processes.', f'{num_params:,}',
+               image_shape, jax.device_count(), jax.process_count())
+
+  # ----------------------------------------------------------------------------------------------
+  # Restore, or start fresh.
+  # ----------------------------------------------------------------------------------------------
+  manager = checkpointing.make_manager(workdir, config)
+  if manager.latest_step() is not None:
+    abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    state = checkpointing.restore_state(manager, abstract_sharded)
+    logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
+                 checkpointing.checkpoint_dir(workdir))
+  else:
+    state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)()
+    logging.info('No checkpoint in %s: starting from step 0.', checkpointing.checkpoint_dir(workdir))
+  start_step = int(jax.device_get(state.step))
+
+  # ----------------------------------------------------------------------------------------------
+  # Compiled functions.
+  # ----------------------------------------------------------------------------------------------
+  p_train_step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, target_decay=settings.target_decay, tx=tx,
+                                           config=config),
+                         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                         donate_argnums=0)
+  grid_shape = (tc.num_eval_samples,) + image_shape
+  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape))
+
+  def write_samples(step: int, state: ts.TrainState) -> None:
+    grid = sample_grid_from(p_sample_grid, state, config)
+    if jax.process_index() == 0:
+      path = images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
+      logging.info('Wrote one-step | two-step (t=%g) samples to %s', config.sampling.two_step_t, path)
+    writer.write_images(step, {'samples_1step_2step': grid[None]})
+
+  # ----------------------------------------------------------------------------------------------
+  # Loop. The next step is dispatched before the previous step's metrics are read.
+  # ----------------------------------------------------------------------------------------------
+  if start_step >= tc.num_steps:
+    logging.info('Step %d >= training.num_steps = %d: nothing to train.', start_step, tc.num_steps)
+  else:
+    writer.write_hparams({k: v for k, v in flatten(config).items()})
+  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  pending, accumulated = None, []
+  t0 = time.time()
+  for step in range(start_step, tc.num_steps):
+    state, metrics = p_train_step(state, global_batch(step))
+    if pending is not None:
+      accumulated.append(check_finite(*pending))
+    pending = (step, metrics)
+    done = step + 1
+    report(done)
+    if done % tc.log_every == 0 or done == tc.num_steps:
+      accumulated.append(check_finite(*pending))
+      pending = None
+      writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
+      accumulated = []
+    if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+      if pending is not None:
+        accumulated.append(check_finite(*pending))
+        pending = None
+      checkpointing.save(manager, state, config)
+    if done % tc.eval_every == 0 or done == tc.num_steps:
+      write_samples(done, state)
+  if start_step < tc.num_steps:
+    logging.info('Trained steps %d..%d in %.1f s.', start_step, tc.num_steps, time.time() - t0)
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  return state
+
+
+def sampling_images(denoiser, params, config, grid_shape):
+  """(one-step, two-step) fixed-seed samples in [-1, 1] for the eval grid."""
+  cc = config.consistency
+  keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, grid_shape[0])
+  outs = []
+  for times in ((), (config.sampling.two_step_t,)):
+    z, noise = sampling.draw_noise(keys, grid_shape, len(times))
+    outs.append(sampling.multistep_sample(functools.partial(denoiser, params), z, noise, times,
+                                          sigma_min=cc.sigma_min, sigma_max=cc.sigma_max,
+                                          clip=config.sampling.clip))
+  return tuple(outs)
+
+
+def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
+  params = state.ema_params[0] if state.ema_params else state.params
+  panels = [images.make_grid(input_pipeline.to_uint8(np.asarray(jax.device_get(x))))
+            for x in p_sample_grid(params)]
+  return images.side_by_side(panels)
+
+
+def check_finite(step: int, metrics) -> dict:
+  """Host copy of a step's metrics; stops the run at once on a non-finite loss."""
+  host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not np.isfinite(host['loss']):
+    raise FloatingPointError(
+        f'Non-finite loss {host["loss"]} at step {step} (metrics: {host}). The run stops here; the last good '
+        'checkpoint is kept. Try a lower optim.lr, optim.grad_clip > 0 or optim.warmup_steps > 0.')
+  return host
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard logs, sample grids.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,91 @@
+"""The train state (arrays only) and the optimizer, both built from the config."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cm_jax import models
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training. Learning rate, N(k) and mu(k) are functions of `step`.
+
+  rng is the root key (from config.seed); step k uses fold_in(rng, k). target_params is None when the
+  target is stop_gradient(params) (mu = 0, iCT). ema_params holds one EMA per config.training.ema_rates.
+  """
+  step: jax.Array
+  rng: jax.Array
+  params: Any
+  target_params: Optional[Any]
+  ema_params: tuple
+  opt_state: Any
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  oc = config.optim
+  decays = {
+      'constant': lambda: optax.constant_schedule(oc.lr),
+      'cosine': lambda: optax.cosine_decay_schedule(oc.lr, max(1, config.training.num_steps - oc.warmup_steps)),
+  }
+  if oc.decay not in decays:
+    raise ValueError(f'config.optim.decay = {oc.decay!r} is not one of {sorted(decays)}.')
+  if oc.warmup_steps <= 0:
+    return decays[oc.decay]()
+  warmup = optax.linear_schedule(0.0, oc.lr, oc.warmup_steps)
+  return optax.join_schedules([warmup, decays[oc.decay]()], [oc.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  oc = config.optim
+  optimizers = {'adam': optax.adam, 'radam': optax.radam}
+  if oc.name not in optimizers:
+    raise ValueError(f'config.optim.name = {oc.name!r} is not one of {sorted(optimizers)}.')
+  tx = optimizers[oc.name](learning_rate_schedule(config), b1=oc.b1, b2=oc.b2, eps=oc.eps)
+  if oc.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+  return tx
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of the training images after padding."""
+  from cm_jax import input_pipeline  # Local import: input_pipeline pulls in TFDS.
+  h, w, c = input_pipeline.SUPPORTED[config.data.name].image_shape
+  if config.data.pad_to:
+    h = w = config.data.pad_to
+  return h, w, c
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh train state; run under jax.jit or jax.eval_shape."""
+  model = models.create_model(config.model)
+  rng = jax.random.PRNGKey(config.seed)
+  h, w, c = image_shape(config)
+  params = model.init(jax.random.split(rng)[0], jnp.zeros((1, h, w, c)), jnp.zeros((1,)),
+                      train=False)['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+      params=params,
+      target_params=params if config.loss.target == 'ema' else None,
+      ema_params=tuple(params for _ in config.training.ema_rates),
+      opt_state=tx.init(params),
+  )
+
+
+def ema_decay(rate: float, step, warmup: bool):
+  """Sampling-EMA decay at `step` (the step just taken): min(rate, (1 + k)/(10 + k)) with warm-up."""
+  if not warmup:
+    return jnp.asarray(rate, jnp.float32)
+  k = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
+
+
+def ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections). Each file defines get_config()."""

@@ -1,0 +1,109 @@
+"""Every knob of cm_jax, with its default. Experiment configs start from this and change a few fields.
+
+Override any field on the command line, e.g. `--config.optim.lr=2e-4 --config.training.batch_size=64`;
+values are type-checked and unknown keys fail. The defaults are the iCT recipe (Song & Dhariwal 2023) on
+Fashion-MNIST at a size that trains on a CPU; see configs/*.py for experiments.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Root of all randomness: parameter init, the data order, noise of every step, eval sample grids.
+  config.seed = 0
+
+  # ---------------------------------------------------------------------------------------------
+  # data: what to train on and where it comes from.
+  # ---------------------------------------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.name = 'fashion_mnist'     # 'mnist' | 'fashion_mnist'.
+  # 'auto': manual_dir if set, else TFDS if already prepared in data_dir, else the standard local directory
+  #         /usr/share/datasets/<name> (Debian's dataset-fashion-mnist), else a TFDS download; every step is
+  #         logged and the error lists what was tried. 'tfds': TFDS only. 'local': IDX files only.
+  data.source = 'auto'
+  data.manual_dir = ml_collections.config_dict.placeholder(str)  # Directory with the four IDX files (.gz or raw).
+  data.data_dir = ml_collections.config_dict.placeholder(str)    # TFDS data_dir (None: TFDS's default).
+  data.pad_to = 0                 # 0: keep 28x28. 32: zero-pad (black) to 32x32, e.g. to match CIFAR-sized models.
+  data.random_flip = False        # Random horizontal flips in training (sensible for Fashion-MNIST, not digits).
+
+  # ---------------------------------------------------------------------------------------------
+  # consistency: the noise range and parameterization (CM paper constants; images live in [-1, 1]).
+  # ---------------------------------------------------------------------------------------------
+  cons = config.consistency = ml_collections.ConfigDict()
+  cons.sigma_min = 0.002          # eps: f(x, eps) = x exactly.
+  cons.sigma_max = 80.0           # T: one-step sampling starts from T z.
+  cons.rho = 7.0                  # Karras grid curvature.
+  cons.sigma_data = 0.5           # Data standard deviation used by c_skip, c_out, c_in.
+
+  # ---------------------------------------------------------------------------------------------
+  # model: the raw network F inside f = c_skip x + c_out F(c_in x, c_noise), c_noise = 0.25 ln sigma.
+  # ---------------------------------------------------------------------------------------------
+  model = config.model = ml_collections.ConfigDict()
+  model.name = 'unet'             # Only 'unet' for now.
+  model.ch = 32                   # Base channel count.
+  model.ch_mult = (1, 2, 2)       # Channel multiplier per resolution level; image size must divide by 2^(levels-1).
+  model.num_res_blocks = 1        # Residual blocks per level (the decoder has one more).
+  model.attn_resolutions = (7,)   # Resolutions (feature-map height) with self-attention; the middle always has one.
+  model.dropout = 0.1             # Dropout in residual blocks; student and target share the mask.
+  model.num_groups = 8            # GroupNorm groups; must divide every channel count.
+  model.embedding = 'fourier'     # 'fourier' (random Fourier features) | 'positional' (sinusoidal).
+  model.fourier_scale = 0.02      # Fourier frequency std: 16 in CM's official code, 0.02 in iCT.
+  model.positional_scale = 1000.0 # Positional embedding of positional_scale * c_noise (PyTorch CM code).
+
+  # ---------------------------------------------------------------------------------------------
+  # loss: consistency training. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
+  # index_distribution='uniform', distance='l2', weighting='uniform', target='ema' (see configs/mnist_ct2023.py).
+  # ---------------------------------------------------------------------------------------------
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.name = 'ct'                # Only consistency training ('ct') for now.
+  loss.schedule = 'exponential'   # N(k): 'exponential' (iCT curriculum) | 'adaptive' (CM appendix C).
+  loss.s0 = 10                    # Initial discretisation (iCT 10, CM 2).
+  loss.s1 = 1280                  # Final discretisation (iCT 1280, CM 150).
+  loss.total_steps = ml_collections.config_dict.placeholder(int)  # K of N(k), mu(k); None: training.num_steps.
+  loss.index_distribution = 'lognormal'  # 'lognormal' (iCT, discretised) | 'uniform' (CM).
+  loss.p_mean = -1.1              # iCT lognormal mean of ln sigma.
+  loss.p_std = 2.0                # iCT lognormal std of ln sigma.
+  loss.distance = 'pseudo_huber'  # 'pseudo_huber' (per sample) | 'l2' | 'l1' (means over pixels).
+  loss.huber_c = ml_collections.config_dict.placeholder(float)  # None: 0.00054 sqrt(H W C).
+  loss.weighting = 'inverse_delta'  # 'inverse_delta': 1/(sigma_{n+1} - sigma_n) (iCT) | 'uniform' (CM).
+  loss.target = 'stopgrad'        # 'stopgrad': mu = 0 (iCT) | 'ema': target EMA with mu(k) (CM).
+  loss.mu0 = 0.9                  # CM mu0 (used when target = 'ema').
+  loss.mu_variant = 'paper'       # 'paper': exp(s0 ln mu0 / N) | 'official': exp(s0 ln mu0 / (N - 1)).
+
+  # ---------------------------------------------------------------------------------------------
+  # optim: optax optimizer; the learning rate is a function of the step.
+  # ---------------------------------------------------------------------------------------------
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.name = 'radam'            # 'adam' | 'radam'.
+  optim.lr = 4e-4                 # Peak learning rate.
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.warmup_steps = 0          # Linear warm-up from 0 to lr over this many steps.
+  optim.decay = 'constant'        # After warm-up: 'constant' | 'cosine' (to 0 at training.num_steps).
+  optim.grad_clip = 0.0           # Global-norm gradient clipping; 0 disables.
+
+  # ---------------------------------------------------------------------------------------------
+  # training: the loop.
+  # ---------------------------------------------------------------------------------------------
+  training = config.training = ml_collections.ConfigDict()
+  training.num_steps = 10_000     # Total steps of the run; raise it and restart to continue a finished run.
+  training.batch_size = 64        # Global batch; must divide by the number of devices (and of processes).
+  training.ema_rates = (0.999,)   # Sampling EMAs of the parameters; the first is what sampling uses by default.
+  training.ema_warmup = True      # EMA rate min(rate, (1 + k) / (10 + k)), so short runs are not dominated by init.
+  training.log_every = 50         # Steps between metric logs (averages over the interval).
+  training.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
+  training.keep_checkpoints = 3   # Keep the latest this many checkpoints ...
+  training.keep_every = 0         # ... plus every checkpoint whose step is a multiple of this (0: none).
+  training.eval_every = 1000      # Steps between sample grids (one-step and two-step) under WORKDIR/samples.
+  training.num_eval_samples = 64  # Images per grid (a square number keeps the grid square).
+  training.disable_most_optimizations = False  # XLA jax_disable_most_optimizations: faster compile, slower steps.
+
+  # ---------------------------------------------------------------------------------------------
+  # sampling: defaults for eval grids, the sample CLI and the notebook API.
+  # ---------------------------------------------------------------------------------------------
+  sampling = config.sampling = ml_collections.ConfigDict()
+  sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default).
+  sampling.clip = True            # Clip each denoised x0 to [-1, 1] between steps (as the official code).
+  return config

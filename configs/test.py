@@ -1,0 +1,25 @@
+"""Tiny config that exercises every part of training in seconds on a CPU (tests and smoke runs).
+
+Works for any data.name, e.g. `--config.data.name=mnist`. Not meant to produce good samples.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.ch = 8
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = ()
+  config.model.num_groups = 4
+  config.model.dropout = 0.1
+  config.training.num_steps = 4
+  config.training.batch_size = 8
+  config.training.log_every = 2
+  config.training.checkpoint_every = 2
+  config.training.eval_every = 4
+  config.training.num_eval_samples = 4
+  config.training.ema_rates = (0.9, 0.99)
+  config.training.disable_most_optimizations = True
+  return config
