@@ -78,14 +78,19 @@ def precondition(net_fn, x_BHWC, sigma_B, *, sigma_data: float, sigma_min: float
 # Discretisation schedules N(k) and target EMA mu(k); k = training step, K = total steps
 # --------------------------------------------------------------------------------------------------
 def ct_num_points(step, total_steps: int, s0: int, s1: int):
-  """CM appendix C: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (int32).
+  """CM appendix C: N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (int32), capped at s1 + 1.
 
-  N(0) = s0 and N(K) = s1 + 1. Computed in float32; agrees with float64 except within ~1e-5 of a
-  jump, which no integer step of a realistic K reaches.
+  N(0) = s0 and N(K) = s1 + 1. Exact: float32 rounding of the square root misplaces a few jumps (e.g. at
+  k = 350783 of the CIFAR schedule), so the steps where N jumps are found on the host in integer arithmetic
+  and the traced step is looked up among them. N(k) >= m  <=>  k ((s1+1)^2 - s0^2) > K ((m-1)^2 - s0^2).
   """
-  k = jnp.asarray(step, jnp.float32)
-  a = k / total_steps * ((s1 + 1.0) ** 2 - s0**2) + s0**2
-  return (jnp.ceil(jnp.sqrt(a) - 1.0) + 1.0).astype(jnp.int32)
+  span = (s1 + 1) ** 2 - s0**2
+  jumps = np.asarray([total_steps * ((m - 1) ** 2 - s0**2) // span + 1 for m in range(s0 + 1, s1 + 2)],
+                     np.int64)
+  if jumps.max(initial=0) > np.iinfo(np.int32).max:
+    raise ValueError(f'loss.total_steps = {total_steps} is too large for int32 step arithmetic.')
+  k = jnp.asarray(step, jnp.int32)
+  return (s0 + jnp.searchsorted(jnp.asarray(jumps, jnp.int32), k, side='right')).astype(jnp.int32)
 
 
 def ict_num_points(step, total_steps: int, s0: int, s1: int):

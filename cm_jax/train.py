@@ -25,17 +25,11 @@ import numpy as np
 from cm_jax import checkpointing
 from cm_jax import config_validation
 from cm_jax import images
+from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import losses
-from cm_jax import models
 from cm_jax import sampling
 from cm_jax import train_state as ts
-from cm_jax.denoiser import Denoiser
-
-
-def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
-  cc = config.consistency
-  return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=cc.sigma_min)
 
 
 def train_step(state: ts.TrainState, batch_BHWC, *, loss_fn, target_decay, tx, config: ml_collections.ConfigDict):
@@ -98,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   # ----------------------------------------------------------------------------------------------
   # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
   # ----------------------------------------------------------------------------------------------
-  denoiser = make_denoiser(config)
+  denoiser = inference.make_denoiser(config)
   settings = losses.make_ct_settings(config, image_shape)
   loss_fn = functools.partial(losses.consistency_training_loss, denoiser=denoiser, settings=settings)
   tx = ts.make_optimizer(config)
@@ -150,29 +144,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   pending, accumulated = None, []
   t0 = time.time()
-  for step in range(start_step, tc.num_steps):
-    state, metrics = p_train_step(state, global_batch(step))
-    if pending is not None:
-      accumulated.append(check_finite(*pending))
-    pending = (step, metrics)
-    done = step + 1
-    report(done)
-    if done % tc.log_every == 0 or done == tc.num_steps:
-      accumulated.append(check_finite(*pending))
-      pending = None
-      writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
-      accumulated = []
-    if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+  try:
+    for step in range(start_step, tc.num_steps):
+      state, metrics = p_train_step(state, global_batch(step))
       if pending is not None:
         accumulated.append(check_finite(*pending))
+      pending = (step, metrics)
+      done = step + 1
+      report(done)
+      if done % tc.log_every == 0 or done == tc.num_steps:
+        accumulated.append(check_finite(*pending))
         pending = None
-      checkpointing.save(manager, state, config)
-    if done % tc.eval_every == 0 or done == tc.num_steps:
-      write_samples(done, state)
-  if start_step < tc.num_steps:
-    logging.info('Trained steps %d..%d in %.1f s.', start_step, tc.num_steps, time.time() - t0)
-  manager.wait_until_finished()
-  manager.close()
+        writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
+        accumulated = []
+      if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+        if pending is not None:
+          accumulated.append(check_finite(*pending))
+          pending = None
+        checkpointing.save(manager, state, config)
+      if done % tc.eval_every == 0 or done == tc.num_steps:
+        write_samples(done, state)
+    if start_step < tc.num_steps:
+      logging.info('Trained steps %d..%d in %.1f s.', start_step, tc.num_steps, time.time() - t0)
+  finally:
+    # Also on an error or interrupt: let pending async saves finish, so the last good checkpoint is kept.
+    manager.wait_until_finished()
+    manager.close()
   writer.flush()
   return state
 
@@ -200,9 +197,9 @@ def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
 def check_finite(step: int, metrics) -> dict:
   """Host copy of a step's metrics; stops the run at once on a non-finite loss."""
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not np.isfinite(host['loss']):
+  if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
     raise FloatingPointError(
-        f'Non-finite loss {host["loss"]} at step {step} (metrics: {host}). The run stops here; the last good '
+        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). The run stops here; the last good '
         'checkpoint is kept. Try a lower optim.lr, optim.grad_clip > 0 or optim.warmup_steps > 0.')
   return host
 
@@ -218,8 +215,12 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard logs, sample grids.')
+
+
+def define_flags() -> None:
+  """CLI flags; defined only when this module runs as the main program, so importing it defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard logs, sample grids.')
 
 
 def main(argv):
@@ -231,4 +232,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,0 +1,58 @@
+r"""Sample CLI: python -m cm_jax.sample --workdir=DIR --num=10000 --steps=2 --seed=0 --out=samples.npz
+
+Writes `arr_0` (uint8, (N, H, W, C), the OpenAI evaluation-suite convention) to --out and a PNG grid of
+the first samples next to it. Loads the latest (or --checkpoint_step) checkpoint read-only and uses the
+first sampling EMA unless --ema says otherwise. The same seed, checkpoint and times give the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from cm_jax import images
+from cm_jax import inference
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
+  flags.DEFINE_integer('num', 10_000, 'Number of samples.')
+  flags.DEFINE_integer('steps', 1, 'Network evaluations: 1 (one-step) or more (multistep, CM Algorithm 1).')
+  flags.DEFINE_list('ts', None, 'Descending intermediate times, steps - 1 of them (default: for 2 steps '
+                    'config.sampling.two_step_t, otherwise the interior of a Karras grid).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_string('out', None, 'Output .npz path.', required=True)
+  flags.DEFINE_string('ema', None, "Sampling EMA rate to use (default: the run's first), or 'online'.")
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_integer('batch_size', 256, 'Samples per device call; lower it if memory runs out.')
+  flags.DEFINE_integer('grid', 100, 'How many samples go into the PNG grid (0: none).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
+  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+  logging.info('Sampling %d images, %d step(s), times %s, from step %d (%s).', FLAGS.num, FLAGS.steps,
+               inference.sampling_times(model.config, FLAGS.steps, times), model.step, model.which_params)
+  t0 = time.time()
+  samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  np.savez(FLAGS.out, samples)
+  print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')
+  if FLAGS.grid:
+    png = os.path.splitext(FLAGS.out)[0] + '.png'
+    images.save_png(images.make_grid(samples[:FLAGS.grid]), png)
+    print(f'Wrote a grid of the first {min(FLAGS.grid, len(samples))} samples to {png}.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

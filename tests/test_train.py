@@ -1,0 +1,149 @@
+"""End-to-end training: mock TFDS data, the real offline Fashion-MNIST files, exact resume, failure modes."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cm_jax import checkpointing
+from cm_jax import inference
+from cm_jax import losses
+from cm_jax import train
+from configs import test as test_config
+
+
+def tiny_config(**overrides):
+  config = test_config.get_config()
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def tree_equal(a, b) -> bool:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(leaves_a) == len(leaves_b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """20 steps in one go on the real Fashion-MNIST IDX files (the offline path), checkpoints every 10."""
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  config = tiny_config(**{'training.num_steps': 20, 'training.checkpoint_every': 10, 'training.eval_every': 10,
+                          'training.log_every': 5, 'data.name': 'fashion_mnist', 'data.source': 'local',
+                          'data.random_flip': True})
+  state = train.train_and_evaluate(config, workdir)
+  return workdir, config, state
+
+
+def test_mock_tfds_end_to_end(tmp_path):
+  config = tiny_config(**{'data.name': 'mnist', 'data.source': 'tfds'})
+  with tfds.testing.mock_data(num_examples=40):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert os.path.exists(tmp_path / 'samples' / 'step_00000004.png')
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+  assert len(state.ema_params) == 2 and state.target_params is None  # iCT: stop-gradient target.
+
+
+def test_offline_fashion_mnist_run_writes_everything(straight_run):
+  workdir, config, state = straight_run
+  assert int(state.step) == 20
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [10, 20]
+  assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == ['step_00000010.png', 'step_00000020.png']
+  for leaf in jax.tree.leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_resume_is_bit_identical(straight_run, tmp_path, monkeypatch):
+  """20 steps straight == 10 steps, a kill, a restart, 10 more: same params, EMAs, optimizer state, samples."""
+  straight_dir, config, straight_state = straight_run
+  resumed_dir = str(tmp_path)
+  save = checkpointing.save
+
+  def save_then_preempt(manager, state, cfg):
+    save(manager, state, cfg)
+    if int(state.step) == 10:
+      manager.wait_until_finished()
+      raise KeyboardInterrupt('simulated preemption after the step-10 checkpoint')
+
+  monkeypatch.setattr(checkpointing, 'save', save_then_preempt)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, resumed_dir)
+  monkeypatch.setattr(checkpointing, 'save', save)
+  assert checkpointing.make_manager(resumed_dir, read_only=True).all_steps() == [10]
+  resumed_state = train.train_and_evaluate(config, resumed_dir)  # Resumes from step 10.
+  assert int(resumed_state.step) == 20
+  assert tree_equal(straight_state.params, resumed_state.params), 'params differ after resume'
+  assert tree_equal(straight_state.ema_params, resumed_state.ema_params), 'EMA params differ after resume'
+  assert tree_equal(straight_state.opt_state, resumed_state.opt_state), 'optimizer state differs after resume'
+  a = inference.load(straight_dir).sample(6, steps=2, seed=3)
+  b = inference.load(resumed_dir).sample(6, steps=2, seed=3)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_restart_of_finished_run_trains_nothing_and_raising_num_steps_continues(straight_run, tmp_path):
+  workdir, config, _ = straight_run
+  state = train.train_and_evaluate(config, workdir)  # Already at num_steps: restores, trains nothing.
+  assert int(state.step) == 20
+
+
+def test_inference_sampling_is_deterministic_and_batch_independent(straight_run):
+  workdir, config, state = straight_run
+  model = inference.load(workdir)
+  assert model.step == 20 and model.which_params == 'ema_0.9'
+  assert tree_equal(model.params, state.ema_params[0])
+  one = model.sample(5, steps=1, seed=0, batch_size=5)
+  assert one.dtype == np.uint8 and one.shape == (5, 28, 28, 1)
+  np.testing.assert_array_equal(one, model.sample(5, steps=1, seed=0, batch_size=5))
+  # Different batch sizes give the same images up to float rounding in the convolutions.
+  other = model.sample(5, steps=1, seed=0, batch_size=2)
+  assert np.max(np.abs(one.astype(int) - other.astype(int))) <= 1
+  assert not np.array_equal(one, model.sample(5, steps=1, seed=1, batch_size=5))
+  online = inference.load(workdir, ema='online')
+  assert tree_equal(online.params, state.params)
+  with pytest.raises(ValueError, match='ema_rates'):
+    inference.load(workdir, ema=0.5)
+  with pytest.raises(FileNotFoundError, match='available steps'):
+    inference.load(workdir, step=7)
+  with pytest.raises(ValueError, match='descending'):
+    model.sample(2, steps=3, ts=(0.5, 1.0))
+
+
+def test_non_finite_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  original = losses.consistency_training_loss
+
+  def poisoned(params, target_params, x0, step, rng, **kwargs):
+    loss, metrics = original(params, target_params, x0, step, rng, **kwargs)
+    poison = jax.numpy.where(step >= 3, jax.numpy.nan, 0.0)
+    metrics = dict(metrics, loss=metrics['loss'] + poison)
+    return loss + poison, metrics
+
+  monkeypatch.setattr(losses, 'consistency_training_loss', poisoned)
+  config = tiny_config(**{'data.source': 'local', 'training.num_steps': 6})
+  with pytest.raises(FloatingPointError, match='Non-finite loss .* at step 3'):
+    train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [2]
+  model = inference.load(str(tmp_path))
+  for leaf in jax.tree.leaves(model.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_bad_config_errors_name_the_field(tmp_path):
+  with pytest.raises(ValueError, match='config.training.batch_size = 7 does not divide by the 2 devices'):
+    train.train_and_evaluate(tiny_config(**{'training.batch_size': 7, 'data.source': 'local'}), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.loss\.distance'):
+    train.train_and_evaluate(tiny_config(**{'loss.distance': 'lpips'}), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.model\.ch_mult'):
+    train.train_and_evaluate(tiny_config(**{'model.ch_mult': (1, 2, 2, 2)}), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.data\.name'):
+    train.train_and_evaluate(tiny_config(**{'data.name': 'imagenet'}), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
