@@ -223,11 +223,19 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard logs, sample grids.')
 
 
+def quiet_orbax_info_logs() -> None:
+  """Keeps the console readable: Orbax logs several INFO lines per save; its warnings (level >= 30) show."""
+  def keep(record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
+  quiet_orbax_info_logs()
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
