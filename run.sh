@@ -6,6 +6,10 @@
 # Set-up: system packages when run as root (python3-venv, Debian's dataset-fashion-mnist for offline data),
 # a virtual environment in $CM_JAX_VENV (default .venv) with cm_jax and its dependencies.
 set -euo pipefail
+CALLER_DIR=$PWD
+abs_path() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER_DIR" "$1" ;; esac; }
+[ -n "${CONFIG:-}" ] && CONFIG=$(abs_path "$CONFIG")
+[ -n "${WORKDIR:-}" ] && WORKDIR=$(abs_path "$WORKDIR")
 cd "$(dirname "$0")"
 VENV=${CM_JAX_VENV:-.venv}
 FASHION_DIR=/usr/share/datasets/fashion-mnist
@@ -20,8 +24,13 @@ system_packages() {
   [ ${#need[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     log "Installing Debian packages: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }; then
+      log "apt-get could not install: ${need[*]}."
+      for p in "${need[@]}"; do [ "$p" = dataset-fashion-mnist ] || exit 1; done
+      log "Continuing without the offline Fashion-MNIST files (training then needs TFDS or data.manual_dir)."
+    fi
+    python3 -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null \
+      || { log "cm_jax needs Python >= 3.10; this system's python3 is $(python3 --version 2>&1)."; exit 1; }
   else
     log "Missing system packages: ${need[*]}."
     log "Install them with: sudo apt-get install ${need[*]}"
@@ -33,8 +42,9 @@ system_packages() {
 
 python_env() {
   local stamp="$VENV/.cm_jax_installed"
-  if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then  # Missing, or half-made by an interrupted run.
     log "Creating the virtual environment $VENV"
+    rm -rf "$VENV"
     python3 -m venv "$VENV"
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

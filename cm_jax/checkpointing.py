@@ -7,11 +7,15 @@ resume needs.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -31,14 +35,72 @@ def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_every or None, create=True,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'config'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'config', 'data'))
 
 
-def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict) -> None:
+def data_fingerprint(train_images: np.ndarray) -> dict:
+  """What the data stream depends on besides (seed, step, batch size): the examples and their order."""
+  return {'num_examples': int(len(train_images)), 'shape': list(train_images.shape[1:]),
+          'sha256': hashlib.sha256(np.ascontiguousarray(train_images).tobytes()).hexdigest()}
+
+
+def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
   """Starts an async save of `state` at its step (call manager.wait_until_finished() before exit)."""
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(config.to_dict())), force=True)
+                                             config=ocp.args.JsonSave(config.to_dict()),
+                                             data=ocp.args.JsonSave(data)), force=True)
+
+
+def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, config: ml_collections.ConfigDict,
+                       data: dict, workdir: str) -> Any:
+  """The state of the newest readable checkpoint, after checking that `config` and `data` can resume it.
+
+  An unreadable checkpoint (a truncated file, a failed disk) is skipped with a warning in favour of the
+  next older one, and moved to WORKDIR/unreadable_checkpoints/ (kept for inspection) so that the resumed run
+  can save that step again. A config or data mismatch is the user's to fix and raises ValueError at once.
+  """
+  problems, unreadable = [], []
+
+  def skip(step: int, e: Exception) -> None:
+    problems.append(f'step {step}: {type(e).__name__}: {e}')
+    unreadable.append(step)
+    logging.warning('Checkpoint at step %d is unreadable (%s); trying an older one.', step, problems[-1])
+
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                           data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      skip(step, e)
+      continue
+    check_compatible(config_from_json_dict(meta.config), config, workdir)
+    check_same_data(meta.data, data, workdir)
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+    except Exception as e:  # pylint: disable=broad-except
+      skip(step, e)
+      continue
+    if unreadable and jax.process_index() == 0:
+      aside = os.path.join(os.path.abspath(workdir), 'unreadable_checkpoints')
+      os.makedirs(aside, exist_ok=True)
+      for bad in unreadable:
+        os.rename(os.path.join(checkpoint_dir(workdir), str(bad)), os.path.join(aside, f'{bad}-{time.time():.0f}'))
+        logging.warning('Moved the unreadable checkpoint of step %d to %s.', bad, aside)
+    manager.reload()
+    return state
+  raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '
+                     'away to start afresh.')
+
+
+def check_same_data(saved: dict, data: dict, workdir: str) -> None:
+  """Refuses to resume on a different dataset array: the same step would then index other examples."""
+  if saved != data:
+    raise ValueError(
+        f'The checkpoint in {checkpoint_dir(workdir)} was trained on a different training array ({saved}) than '
+        f'the one loaded now ({data}), so resuming would replay or skip examples. This happens when the data '
+        'source changes (e.g. TFDS-prepared data, whose order differs, instead of the IDX files): set '
+        'config.data.source / data.manual_dir to what the run used, or start a new --workdir.')
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Any:
@@ -53,6 +115,36 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return config_from_json_dict(restored.config)
+
+
+# Fields that decide the shapes in the train state (or the data): a resumed run must keep them.
+# training.batch_size and seed fix the data stream: the batch of step k is a function of (seed, k, batch size).
+STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'loss.target', 'training.ema_rates', 'optim.name',
+                     'training.batch_size', 'seed')
+
+
+def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if `config` cannot resume the checkpoint written with `saved`; logs other changes."""
+  old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  fatal = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STRUCTURAL_FIELDS)]
+  if fatal:
+    details = '; '.join(f'{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}' for k in fatal)
+    raise ValueError(f'The checkpoint in {checkpoint_dir(workdir)} was written with a different config '
+                     f'({details}). Resume with the same values, or use a new --workdir.')
+  for k in changed:
+    logging.warning('Resuming with config.%s = %r (the checkpoint was written with %r).', k, new.get(k),
+                    old.get(k))
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
 
 
 def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:

@@ -66,9 +66,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   _require(0.0 <= mc.dropout < 1.0, 'model.dropout', f'must lie in [0, 1), got {mc.dropout}.')
   _require(len(mc.ch_mult) >= 1 and mc.ch >= 1, 'model.ch_mult', 'need at least one level and ch >= 1.')
-  for mult in mc.ch_mult:
-    _require((mc.ch * mult) % mc.num_groups == 0, 'model.num_groups',
-             f'{mc.num_groups} groups do not divide {mc.ch * mult} channels (ch * ch_mult).')
+  for channels in (mc.ch,) + tuple(mc.ch * mult for mult in mc.ch_mult):  # Decoder inputs are sums of these.
+    _require(channels % mc.num_groups == 0, 'model.num_groups',
+             f'{mc.num_groups} groups do not divide {channels} channels (ch and ch * ch_mult).')
   _require(mc.ch % 2 == 0, 'model.ch', 'must be even (it is the time-embedding size).')
   size = config.data.pad_to or input_pipeline.SUPPORTED[config.data.name].image_shape[0]
   factor = 2 ** (len(mc.ch_mult) - 1)

@@ -29,7 +29,9 @@ def karras_sigma(i, num_points, sigma_min: float, sigma_max: float, rho: float):
   num_points = jnp.asarray(num_points, jnp.float32)
   lo = sigma_min ** (1.0 / rho)
   hi = sigma_max ** (1.0 / rho)
-  return (lo + i / (num_points - 1.0) * (hi - lo)) ** rho
+  sigma = (lo + i / (num_points - 1.0) * (hi - lo)) ** rho
+  # The endpoints exactly (float32 rounding of the power gives 0.0019999996 and 79.999985).
+  return jnp.where(i == 0, sigma_min, jnp.where(i == num_points - 1, sigma_max, sigma)).astype(jnp.float32)
 
 
 def karras_grid(num_points: int, sigma_min: float, sigma_max: float, rho: float) -> jnp.ndarray:

@@ -44,6 +44,8 @@ def main(argv):
                inference.sampling_times(model.config, FLAGS.steps, times), model.step, model.which_params)
   t0 = time.time()
   samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+  if not FLAGS.out.endswith('.npz'):
+    raise app.UsageError(f'--out must end in .npz, got {FLAGS.out!r}.')
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   np.savez(FLAGS.out, samples)
   print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')

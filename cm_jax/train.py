@@ -64,9 +64,16 @@ def train_step(state: ts.TrainState, batch_BHWC, *, loss_fn, target_decay, tx, c
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   """Trains (or resumes) the run in `workdir` up to config.training.num_steps; returns the final state."""
   config_validation.validate(config)
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', previous or config.training.disable_most_optimizations)
+  try:
+    return _train(config, workdir)
+  finally:  # A process-wide setting: leave it as it was for later runs in the same notebook or test.
+    jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   tc = config.training
-  if tc.disable_most_optimizations:
-    jax.config.update('jax_disable_most_optimizations', True)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
@@ -82,6 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   # Input: the whole split in host memory; the batch of step k is a function of (seed, k).
   # ----------------------------------------------------------------------------------------------
   train_images = input_pipeline.load_images(config.data, 'train')
+  data_fingerprint = checkpointing.data_fingerprint(train_images)
   image_shape = tuple(train_images.shape[1:])
 
   def global_batch(step: int) -> jax.Array:
@@ -109,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   if manager.latest_step() is not None:
     abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = checkpointing.restore_state(manager, abstract_sharded)
+    state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
     logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
                  checkpointing.checkpoint_dir(workdir))
   else:
@@ -161,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         if pending is not None:
           accumulated.append(check_finite(*pending))
           pending = None
-        checkpointing.save(manager, state, config)
+        checkpointing.save(manager, state, config, data_fingerprint)
       if done % tc.eval_every == 0 or done == tc.num_steps:
         write_samples(done, state)
     if start_step < tc.num_steps:
@@ -170,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     # Also on an error or interrupt: let pending async saves finish, so the last good checkpoint is kept.
     manager.wait_until_finished()
     manager.close()
-  writer.flush()
+    writer.flush()
   return state
 
 
@@ -200,7 +208,8 @@ def check_finite(step: int, metrics) -> dict:
   if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
     raise FloatingPointError(
         f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). The run stops here; the last good '
-        'checkpoint is kept. Try a lower optim.lr, optim.grad_clip > 0 or optim.warmup_steps > 0.')
+        'checkpoint is kept. Restarting resumes from it: try a lower --config.optim.lr or gradient clipping '
+        '(--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
   return host
 
 

@@ -30,9 +30,10 @@ class TrainState:
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   oc = config.optim
+  decay_end = config.training.num_steps if oc.decay_steps is None else oc.decay_steps
   decays = {
       'constant': lambda: optax.constant_schedule(oc.lr),
-      'cosine': lambda: optax.cosine_decay_schedule(oc.lr, max(1, config.training.num_steps - oc.warmup_steps)),
+      'cosine': lambda: optax.cosine_decay_schedule(oc.lr, max(1, decay_end - oc.warmup_steps)),
   }
   if oc.decay not in decays:
     raise ValueError(f'config.optim.decay = {oc.decay!r} is not one of {sorted(decays)}.')
@@ -48,9 +49,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if oc.name not in optimizers:
     raise ValueError(f'config.optim.name = {oc.name!r} is not one of {sorted(optimizers)}.')
   tx = optimizers[oc.name](learning_rate_schedule(config), b1=oc.b1, b2=oc.b2, eps=oc.eps)
-  if oc.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
-  return tx
+  # Always chained (inf = no clipping), so the optimizer state has one structure and a run can resume with
+  # a different clipping value.
+  return optax.chain(optax.clip_by_global_norm(oc.grad_clip if oc.grad_clip > 0 else float('inf')), tx)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -65,13 +66,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
   """A fresh train state; run under jax.jit or jax.eval_shape."""
   model = models.create_model(config.model)
-  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   h, w, c = image_shape(config)
-  params = model.init(jax.random.split(rng)[0], jnp.zeros((1, h, w, c)), jnp.zeros((1,)),
-                      train=False)['params']
+  params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), train=False)['params']
   return TrainState(
       step=jnp.zeros((), jnp.int32),
-      rng=rng,
+      rng=train_rng,
       params=params,
       target_params=params if config.loss.target == 'ema' else None,
       ema_params=tuple(params for _ in config.training.ema_rates),

@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------------------------------------
   # loss: consistency training. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
-  # index_distribution='uniform', distance='l2', weighting='uniform', target='ema' (see configs/mnist_ct2023.py).
+  # index_distribution='uniform', distance='l2', weighting='uniform', target='ema' (see configs/fashion_mnist_ct2023.py).
   # ---------------------------------------------------------------------------------------------
   loss = config.loss = ml_collections.ConfigDict()
   loss.name = 'ct'                # Only consistency training ('ct') for now.
@@ -81,7 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999
   optim.eps = 1e-8
   optim.warmup_steps = 0          # Linear warm-up from 0 to lr over this many steps.
-  optim.decay = 'constant'        # After warm-up: 'constant' | 'cosine' (to 0 at training.num_steps).
+  optim.decay = 'constant'        # After warm-up: 'constant' | 'cosine' (to 0 at optim.decay_steps).
+  optim.decay_steps = ml_collections.config_dict.placeholder(int)  # End of the cosine; None: training.num_steps
+                                  # (pin it before raising num_steps to extend a run, or the lr jumps back up).
   optim.grad_clip = 0.0           # Global-norm gradient clipping; 0 disables.
 
   # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """End-to-end training: mock TFDS data, the real offline Fashion-MNIST files, exact resume, failure modes."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,8 +77,8 @@ def test_resume_is_bit_identical(straight_run, tmp_path, monkeypatch):
   resumed_dir = str(tmp_path)
   save = checkpointing.save
 
-  def save_then_preempt(manager, state, cfg):
-    save(manager, state, cfg)
+  def save_then_preempt(manager, state, *args):
+    save(manager, state, *args)
     if int(state.step) == 10:
       manager.wait_until_finished()
       raise KeyboardInterrupt('simulated preemption after the step-10 checkpoint')
@@ -174,3 +175,33 @@ def test_sample_cli_writes_uint8_npz_and_png(straight_run, tmp_path):
   bad = subprocess.run(cmd[:-1] + ['--ts=1.0,2.0', '--steps=3'], capture_output=True, text=True, env=env,
                        timeout=600)
   assert bad.returncode != 0 and 'strictly descending' in bad.stderr
+
+
+def test_resuming_with_a_different_model_fails_clearly(straight_run):
+  workdir, config, _ = straight_run
+  changed = config.copy_and_resolve_references()
+  changed.model.ch = 16
+  with pytest.raises(ValueError, match=r'model\.ch: checkpoint 8, now 16'):
+    train.train_and_evaluate(changed, workdir)
+
+
+def test_resuming_on_a_differently_ordered_dataset_fails_clearly(straight_run, monkeypatch):
+  """E.g. a run started on the IDX files, resumed where TFDS-prepared (shuffled) data is found first."""
+  workdir, config, _ = straight_run
+  load = train.input_pipeline.load_images
+  monkeypatch.setattr(train.input_pipeline, 'load_images', lambda *a: load(*a)[::-1])
+  with pytest.raises(ValueError, match='different training array'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(straight_run, tmp_path):
+  """Step 20's arrays are destroyed: the run resumes from step 10 and reaches the same parameters."""
+  workdir, config, straight_state = straight_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  for path in (copy / 'checkpoints' / '20' / 'state').rglob('*'):
+    if path.is_file() and 'metadata' not in path.name:
+      path.write_bytes(b'corrupt')
+  state = train.train_and_evaluate(config, str(copy))
+  assert int(state.step) == 20
+  assert tree_equal(straight_state.params, state.params)
