@@ -103,11 +103,12 @@ def check_same_data(saved: dict, data: dict, workdir: str) -> None:
         'config.data.source / data.manual_dir to what the run used, or start a new --workdir.')
 
 
-def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> Any:
-  """Restores the state at `step` (default: latest) into the shapes and shardings of abstract_state."""
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return restored.state
+def restore_parameters(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> dict:
+  """Only `params` and `ema_params` of a checkpoint (a partial restore: no optimizer state is read)."""
+  item = {'params': abstract_state.params, 'ema_params': abstract_state.ema_params}
+  args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=True)
+  return manager.restore(step, args=ocp.args.Composite(state=args)).state
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:
@@ -125,7 +126,7 @@ STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'loss.target', 'traini
 
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError if `config` cannot resume the checkpoint written with `saved`; logs other changes."""
-  old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+  old, new = flatten_dict(saved.to_dict()), flatten_dict(config.to_dict())
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fatal = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STRUCTURAL_FIELDS)]
   if fatal:
@@ -137,22 +138,36 @@ def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.Co
                     old.get(k))
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
+def flatten_dict(d: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten_dict(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
   return out
 
 
 def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
-  """ConfigDict from its JSON form; lists become tuples again (configs use tuples for sequences)."""
+  """ConfigDict from its JSON form, on top of configs/default.py.
+
+  Lists become tuples again (configs use tuples for sequences); fields added to cm_jax after the
+  checkpoint was written take their defaults, so older runs stay loadable.
+  """
+  from configs import default  # Local import: the config package sits beside cm_jax.
+
   def fix(v):
     if isinstance(v, dict):
       return {k: fix(x) for k, x in v.items()}
     if isinstance(v, list):
       return tuple(fix(x) for x in v)
     return v
-  return ml_collections.ConfigDict(fix(d))
+
+  def merge(base: dict, saved: dict) -> dict:
+    out = dict(base)
+    for k, v in saved.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+  return ml_collections.ConfigDict(merge(default.get_config().to_dict(), fix(d)))

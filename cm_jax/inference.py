@@ -116,16 +116,16 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
   replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(functools.partial(ts.init_state, config, tx)))
-  state = checkpointing.restore_state(manager, abstract, step)
+  state = checkpointing.restore_parameters(manager, abstract, step)
   manager.close()
 
   rates = tuple(config.training.ema_rates)
   if ema == 'online':
-    params, which = state.params, 'online'
+    params, which = state['params'], 'online'
   else:
     rate = rates[0] if ema is None else float(ema)
     if rate not in rates:
       raise ValueError(f'ema={ema!r}: this run keeps EMAs {rates} (config.training.ema_rates); '
                        "pick one of them or 'online'.")
-    params, which = state.ema_params[rates.index(rate)], f'ema_{rate}'
+    params, which = state['ema_params'][rates.index(rate)], f'ema_{rate}'
   return LoadedModel(config=config, params=params, step=int(step), which_params=which)

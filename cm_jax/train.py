@@ -148,7 +148,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   if start_step >= tc.num_steps:
     logging.info('Step %d >= training.num_steps = %d: nothing to train.', start_step, tc.num_steps)
   else:
-    writer.write_hparams({k: v for k, v in flatten(config).items()})
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                          for k, v in checkpointing.flatten_dict(config.to_dict()).items()})
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   pending, accumulated = None, []
   t0 = time.time()
@@ -211,16 +212,6 @@ def check_finite(step: int, metrics) -> dict:
         'checkpoint is kept. Restarting resumes from it: try a lower --config.optim.lr or gradient clipping '
         '(--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
   return host
-
-
-def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in config.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
 
 
 FLAGS = flags.FLAGS
