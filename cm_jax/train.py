@@ -117,7 +117,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   if manager.latest_step() is not None:
     abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                     abstract_state, state_sharding)
-    state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
+    try:
+      state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
+    except BaseException:
+      manager.close()
+      raise
     logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
                  checkpointing.checkpoint_dir(workdir))
   else:
@@ -151,25 +155,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                           for k, v in checkpointing.flatten_dict(config.to_dict()).items()})
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  pending, accumulated = None, []
+  pending, accumulated = [], []  # Device metrics not read yet; host metrics since the last log.
+
+  def read_pending() -> None:  # Stops the run on a non-finite loss or gradient.
+    accumulated.extend(check_finite(*p) for p in pending)
+    pending.clear()
+
   t0 = time.time()
   try:
     for step in range(start_step, tc.num_steps):
       state, metrics = p_train_step(state, global_batch(step))
-      if pending is not None:
-        accumulated.append(check_finite(*pending))
-      pending = (step, metrics)
+      read_pending()  # The previous step's, while this one runs.
+      pending.append((step, metrics))
       done = step + 1
       report(done)
       if done % tc.log_every == 0 or done == tc.num_steps:
-        accumulated.append(check_finite(*pending))
-        pending = None
+        read_pending()
         writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
-        accumulated = []
+        accumulated.clear()
       if done % tc.checkpoint_every == 0 or done == tc.num_steps:
-        if pending is not None:
-          accumulated.append(check_finite(*pending))
-          pending = None
+        read_pending()  # Never save a state whose step produced a non-finite loss.
         checkpointing.save(manager, state, config, data_fingerprint)
       if done % tc.eval_every == 0 or done == tc.num_steps:
         write_samples(done, state)
