@@ -99,9 +99,16 @@ def test_resume_is_bit_identical(straight_run, tmp_path, monkeypatch):
 
 
 def test_restart_of_finished_run_trains_nothing_and_raising_num_steps_continues(straight_run, tmp_path):
-  workdir, config, _ = straight_run
-  state = train.train_and_evaluate(config, workdir)  # Already at num_steps: restores, trains nothing.
-  assert int(state.step) == 20
+  workdir, config, straight_state = straight_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  state = train.train_and_evaluate(config, copy)  # Already at num_steps: restores, trains nothing.
+  assert int(state.step) == 20 and tree_equal(state.params, straight_state.params)
+  longer = config.copy_and_resolve_references()
+  longer.training.num_steps = 22
+  state = train.train_and_evaluate(longer, copy)
+  assert int(state.step) == 22 and not tree_equal(state.params, straight_state.params)
+  assert checkpointing.make_manager(copy, read_only=True).latest_step() == 22
 
 
 def test_inference_sampling_is_deterministic_and_batch_independent(straight_run):
