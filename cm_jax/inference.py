@@ -29,6 +29,15 @@ def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
   return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=cc.sigma_min)
 
 
+def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHWC: tuple[int, ...],
+                     times: Sequence[float], config: ml_collections.ConfigDict) -> jax.Array:
+  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with times static."""
+  cc = config.consistency
+  z, noise = sampling.draw_noise(keys, shape_BHWC, len(times))
+  return sampling.multistep_sample(functools.partial(denoiser, params), z, noise, times, sigma_min=cc.sigma_min,
+                                   sigma_max=cc.sigma_max, clip=config.sampling.clip)
+
+
 def sampling_times(config: ml_collections.ConfigDict, steps: int,
                    ts_: Optional[Sequence[float]] = None) -> tuple[float, ...]:
   """The descending intermediate times of `steps`-step sampling: ts_ if given, else the config's defaults.
@@ -60,14 +69,9 @@ class LoadedModel:
 
   @functools.cached_property
   def _sample_fn(self):
-    cc = self.config.consistency
-
     @functools.partial(jax.jit, static_argnames=('times', 'shape'))
     def run(params, keys, times, shape):
-      z, noise = sampling.draw_noise(keys, shape, len(times))
-      return sampling.multistep_sample(functools.partial(self.denoiser, params), z, noise, times,
-                                       sigma_min=cc.sigma_min, sigma_max=cc.sigma_max,
-                                       clip=self.config.sampling.clip)
+      return sample_from_keys(self.denoiser, params, keys, shape, times, self.config)
     return run
 
   @property

@@ -190,15 +190,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
 
 def sampling_images(denoiser, params, config, grid_shape):
   """(one-step, two-step) fixed-seed samples in [-1, 1] for the eval grid."""
-  cc = config.consistency
   keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, grid_shape[0])
-  outs = []
-  for times in ((), (config.sampling.two_step_t,)):
-    z, noise = sampling.draw_noise(keys, grid_shape, len(times))
-    outs.append(sampling.multistep_sample(functools.partial(denoiser, params), z, noise, times,
-                                          sigma_min=cc.sigma_min, sigma_max=cc.sigma_max,
-                                          clip=config.sampling.clip))
-  return tuple(outs)
+  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, times, config)
+               for times in ((), (config.sampling.two_step_t,)))
 
 
 def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
