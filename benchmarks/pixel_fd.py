@@ -1,6 +1,7 @@
 r"""A crude sample-quality proxy: Frechet distance in a PCA space of the test images; prints JSON.
 
   python benchmarks/pixel_fd.py --workdir=DIR --num=2000 --steps=1,2 --two_step_ts=0.8,1.5,2.52
+  python benchmarks/pixel_fd.py --workdir=EDM_TEACHER --num=2000 --steps=18 --solvers=heun,euler
 
 Features are the projections of [-1, 1] images onto the top --dims principal components of the dataset's
 test split. This is NOT an Inception FID and is not comparable to published numbers; it only ranks models
@@ -20,7 +21,9 @@ from cm_jax import input_pipeline
 
 flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 flags.DEFINE_integer('num', 2000, 'Samples per setting.')
-flags.DEFINE_list('steps', ['1', '2'], 'Step counts to evaluate (2 uses each of --two_step_ts).')
+flags.DEFINE_list('steps', ['1', '2'], 'Step counts to evaluate (2 uses each of --two_step_ts); for an EDM '
+                  'model, Karras-grid steps of each of --solvers.')
+flags.DEFINE_list('solvers', ['heun'], 'EDM models only: ODE solvers to evaluate.')
 flags.DEFINE_list('two_step_ts', [], 'Intermediate times for two-step sampling (default: the config).')
 flags.DEFINE_integer('dims', 64, 'PCA dimensions.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
@@ -53,13 +56,19 @@ def main(_):
              'dims': FLAGS.dims, 'reference': 'test split',
              'train_vs_test': frechet(*stats(train[rng.choice(len(train), FLAGS.num, replace=False)]), *ref)}
   for steps in (int(s) for s in FLAGS.steps):
-    times_list = [[float(t)] for t in FLAGS.two_step_ts] if steps == 2 and FLAGS.two_step_ts else [None]
-    for times in times_list:
+    if model.is_diffusion_model:
+      settings = [(solver, None, f'{solver}_{steps}step') for solver in FLAGS.solvers]
+    else:
+      times_list = [[float(t)] for t in FLAGS.two_step_ts] if steps == 2 and FLAGS.two_step_ts else [None]
+      settings = []
+      for times in times_list:
+        ts_used = inference.sampling_times(model.config, steps, times)
+        settings.append(('consistency', times, f'{steps}step' + (f'_t{ts_used[0]:g}' if ts_used else '')))
+    for sampler, times, name in settings:
       t0 = time.time()
-      x = model.sample_float(FLAGS.num, steps=steps, ts=times, seed=FLAGS.seed)
-      ts_used = inference.sampling_times(model.config, steps, times)
-      results[f'fd_{steps}step' + (f'_t{ts_used[0]:g}' if ts_used else '')] = frechet(*stats(x), *ref)
-      results[f'seconds_{steps}step' + (f'_t{ts_used[0]:g}' if ts_used else '')] = round(time.time() - t0, 1)
+      x = model.sample_float(FLAGS.num, steps=steps, ts=times, seed=FLAGS.seed, sampler=sampler)
+      results[f'fd_{name}'] = frechet(*stats(x), *ref)
+      results[f'seconds_{name}'] = round(time.time() - t0, 1)
   print(json.dumps(results))
 
 

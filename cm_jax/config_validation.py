@@ -10,13 +10,15 @@ CHOICES = {
     'data.source': ('auto', 'tfds', 'local'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
-    'loss.name': ('ct',),
-    'loss.schedule': ('exponential', 'adaptive'),
+    'loss.name': ('ct', 'edm', 'cd', 'ect'),
+    'loss.schedule': ('exponential', 'adaptive', 'fixed'),
     'loss.index_distribution': ('lognormal', 'uniform'),
-    'loss.distance': ('pseudo_huber', 'l2', 'l1'),
-    'loss.weighting': ('inverse_delta', 'uniform'),
+    'loss.distance': ('pseudo_huber', 'l2', 'l1', 'l2_norm'),
+    'loss.weighting': ('inverse_delta', 'uniform', 'edm'),
     'loss.target': ('stopgrad', 'ema'),
-    'loss.mu_variant': ('paper', 'official'),
+    'loss.mu_variant': ('paper', 'official', 'constant'),
+    'teacher.solver': ('heun', 'euler'),
+    'sampling.diffusion_solver': ('heun', 'euler'),
     'optim.name': ('adam', 'radam'),
     'optim.decay': ('constant', 'cosine'),
 }
@@ -63,6 +65,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(lc.total_steps is None or lc.total_steps >= 1, 'loss.total_steps', 'must be None or >= 1.')
   _require(0.0 < lc.mu0 < 1.0, 'loss.mu0', f'must lie in (0, 1), got {lc.mu0}.')
   _require(lc.p_std > 0, 'loss.p_std', 'must be > 0.')
+  if lc.schedule == 'fixed':
+    _require(lc.num_points >= 2, 'loss.num_points', f'the fixed schedule needs >= 2 grid points, got {lc.num_points}.')
+  _require(lc.edm_p_std > 0, 'loss.edm_p_std', 'must be > 0.')
+  _require(lc.ect_q > 1 and lc.ect_k >= 0 and lc.ect_b >= 0, 'loss.ect_q',
+           f'need ect_q > 1, ect_k >= 0, ect_b >= 0, got {lc.ect_q}, {lc.ect_k}, {lc.ect_b}.')
+  _require(lc.ect_stage_steps >= 1, 'loss.ect_stage_steps', f'must be >= 1, got {lc.ect_stage_steps}.')
+  if lc.name in ('cd', 'ect'):
+    _require(config.teacher.workdir is not None, 'teacher.workdir',
+             f"loss.name = {lc.name!r} needs an EDM teacher: set --config.teacher.workdir=DIR to the workdir of a "
+             "run trained with loss.name='edm' (e.g. configs/fashion_mnist_edm.py).")
+  if lc.name == 'ect':
+    _require(config.teacher.init_student, 'teacher.init_student',
+             'ECT fine-tunes the teacher: it must start from the teacher\'s weights (set it to True).')
+  _require(config.sampling.diffusion_steps >= 1, 'sampling.diffusion_steps', 'must be >= 1.')
 
   _require(0.0 <= mc.dropout < 1.0, 'model.dropout', f'must lie in [0, 1), got {mc.dropout}.')
   _require(len(mc.ch_mult) >= 1 and mc.ch >= 1, 'model.ch_mult', 'need at least one level and ch >= 1.')

@@ -2,6 +2,9 @@
 
     from cm_jax import inference
     images = inference.load('WORKDIR').sample(64, steps=2, seed=0)   # uint8 (64, H, W, C)
+
+Consistency models (loss 'ct', 'cd', 'ect') use CM Algorithm 1 ('consistency' sampler, 1 or more steps);
+EDM teachers (loss 'edm') use the EDM ODE sampler ('heun' or 'euler', default 18 Karras steps).
 """
 
 from __future__ import annotations
@@ -17,25 +20,82 @@ import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import input_pipeline
+from cm_jax import karras
 from cm_jax import models
 from cm_jax import sampling
 from cm_jax import train_state as ts
 from cm_jax.denoiser import Denoiser
 
 
+def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
+  """True for an EDM denoiser (loss 'edm'), False for a consistency model."""
+  return config.loss.name == 'edm'
+
+
 def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
-  """The consistency function f_theta described by config.model and config.consistency."""
+  """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted), or for an
+  EDM teacher the denoiser D (eps = 0)."""
   cc = config.consistency
-  return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=cc.sigma_min)
+  sigma_min = 0.0 if is_diffusion_model(config) else cc.sigma_min
+  return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=sigma_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How to sample: 'consistency' (CM Algorithm 1 with intermediate `times`) or 'heun'/'euler' (EDM ODE)."""
+  name: str
+  steps: int
+  times: tuple[float, ...] = ()
+
+  def describe(self) -> str:
+    if self.name == 'consistency':
+      return f'{self.steps}-step consistency sampling' + (f', times {self.times}' if self.times else '')
+    calls = 2 * self.steps - 1 if self.name == 'heun' else self.steps
+    return f'EDM {self.name} sampler, {self.steps} steps ({calls} network calls)'
+
+
+def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = None, steps: Optional[int] = None,
+                 ts_: Optional[Sequence[float]] = None) -> Sampler:
+  """Resolves (and checks) a sampler for the model `config` describes; None picks the config's defaults."""
+  if is_diffusion_model(config):
+    sampler = config.sampling.diffusion_solver if sampler is None else sampler
+    if sampler not in ('heun', 'euler'):
+      raise ValueError(f"sampler {sampler!r}: this run is an EDM diffusion model (loss.name = 'edm'); sample it "
+                       "with 'heun' or 'euler'.")
+    if ts_ is not None:
+      raise ValueError('Intermediate times (--ts) are for consistency sampling; the EDM sampler uses the '
+                       'Karras grid of --steps points.')
+    steps = config.sampling.diffusion_steps if steps is None else steps
+    if steps < 1:
+      raise ValueError(f'steps must be >= 1, got {steps}.')
+    return Sampler(sampler, int(steps))
+  sampler = 'consistency' if sampler is None else sampler
+  if sampler != 'consistency':
+    raise ValueError(f"sampler {sampler!r}: this run is a consistency model (loss.name = "
+                     f"{config.loss.name!r}); sample it with 'consistency' (the Heun and Euler samplers need an "
+                     "EDM denoiser).")
+  steps = 1 if steps is None else steps
+  return Sampler('consistency', int(steps), sampling_times(config, steps, ts_))
+
+
+def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
+  """The two panels of the training-time sample grids: one and two steps, or Heun and Euler for EDM."""
+  if is_diffusion_model(config):
+    return make_sampler(config, 'heun'), make_sampler(config, 'euler')
+  return make_sampler(config, steps=1), make_sampler(config, steps=2)
 
 
 def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHWC: tuple[int, ...],
-                     times: Sequence[float], config: ml_collections.ConfigDict) -> jax.Array:
-  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with times static."""
+                     sampler: Sampler, config: ml_collections.ConfigDict) -> jax.Array:
+  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with `sampler` static."""
   cc = config.consistency
-  z, noise = sampling.draw_noise(keys, shape_BHWC, len(times))
-  return sampling.multistep_sample(functools.partial(denoiser, params), z, noise, times, sigma_min=cc.sigma_min,
-                                   sigma_max=cc.sigma_max, clip=config.sampling.clip)
+  denoise_fn = functools.partial(denoiser, params)
+  z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
+  if sampler.name == 'consistency':
+    return sampling.multistep_sample(denoise_fn, z, noise, sampler.times, sigma_min=cc.sigma_min,
+                                     sigma_max=cc.sigma_max, clip=config.sampling.clip)
+  sigmas = karras.edm_sampling_sigmas(sampler.steps, cc.sigma_min, cc.sigma_max, cc.rho)
+  return sampling.diffusion_sample(denoise_fn, z, sigmas, sampler.name, clip=config.sampling.clip)
 
 
 def sampling_times(config: ml_collections.ConfigDict, steps: int,
@@ -69,34 +129,43 @@ class LoadedModel:
 
   @functools.cached_property
   def _sample_fn(self):
-    @functools.partial(jax.jit, static_argnames=('times', 'shape'))
-    def run(params, keys, times, shape):
-      return sample_from_keys(self.denoiser, params, keys, shape, times, self.config)
+    @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
+    def run(params, keys, sampler, shape):
+      return sample_from_keys(self.denoiser, params, keys, shape, sampler, self.config)
     return run
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return ts.image_shape(self.config)
 
-  def sample_float(self, num: int, steps: int = 1, ts: Optional[Sequence[float]] = None, seed: int = 0,
-                   batch_size: int = 256) -> np.ndarray:
-    """num samples in [-1, 1], float32 (num, H, W, C). Sample i depends only on (seed, i, params, times)."""
+  @property
+  def is_diffusion_model(self) -> bool:
+    return is_diffusion_model(self.config)
+
+  def sample_float(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None,
+                   seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None) -> np.ndarray:
+    """num samples in [-1, 1], float32 (num, H, W, C). Sample i depends only on (seed, i, params, sampler).
+
+    sampler: None for the model's default ('consistency', or config.sampling.diffusion_solver for an EDM
+    model), else 'consistency' | 'heun' | 'euler'. steps: None for 1 (consistency) or
+    config.sampling.diffusion_steps (EDM). ts: intermediate times of consistency sampling.
+    """
     if num < 1 or batch_size < 1:
       raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
-    times = sampling_times(self.config, steps, ts)
+    spec = make_sampler(self.config, sampler, steps, ts)
     batch_size = min(batch_size, num)
     seed_key = jax.random.PRNGKey(seed)
     out = []
     for start in range(0, num, batch_size):
       keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
-      x = self._sample_fn(self.params, keys, times, (batch_size,) + self.image_shape)
+      x = self._sample_fn(self.params, keys, spec, (batch_size,) + self.image_shape)
       out.append(np.asarray(jax.device_get(x))[:num - start])
     return np.concatenate(out)[:num]
 
-  def sample(self, num: int, steps: int = 1, ts: Optional[Sequence[float]] = None, seed: int = 0,
-             batch_size: int = 256) -> np.ndarray:
+  def sample(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None, seed: int = 0,
+             batch_size: int = 256, sampler: Optional[str] = None) -> np.ndarray:
     """num samples as uint8 (num, H, W, C), the layout of the OpenAI evaluation suite's npz files."""
-    return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size))
+    return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler))
 
 
 def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] = None) -> LoadedModel:

@@ -174,3 +174,54 @@ def pseudo_huber_distance(a_BHWC, b_BHWC, c: float):
 def inverse_delta_weight(sigma_lo, sigma_hi):
   """iCT loss weight lambda(sigma_n) = 1 / (sigma_{n+1} - sigma_n)."""
   return 1.0 / (sigma_hi - sigma_lo)
+
+
+def l2_norm_distance(a_BHWC, b_BHWC):
+  """||a - b||_2 over the whole sample vector (ECT; pseudo-Huber with c = 0), with a finite gradient at 0."""
+  sq = jnp.sum(jnp.square(a_BHWC - b_BHWC), axis=tuple(range(1, a_BHWC.ndim)))
+  return jnp.sqrt(jnp.maximum(sq, jnp.finfo(sq.dtype).tiny))
+
+
+def edm_weight(sigma, sigma_data: float):
+  """EDM loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (= 1 / c_out^2 with eps = 0)."""
+  return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# EDM teacher: noise levels of its training loss and of its sampler
+# --------------------------------------------------------------------------------------------------
+def edm_training_sigma(rng, batch: int, p_mean: float, p_std: float):
+  """EDM training noise levels: ln sigma ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2), shape (batch,)."""
+  return jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch,)))
+
+
+def edm_sampling_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+  """EDM sampler times, descending: the num_steps-point Karras grid from sigma_max to sigma_min, then 0.
+
+  Shape (num_steps + 1,). Heun takes num_steps - 1 second-order steps and a last Euler step to 0:
+  2 num_steps - 1 network calls (35 for the EDM default of 18).
+  """
+  if num_steps < 1:
+    raise ValueError(f'The EDM sampler needs >= 1 steps, got {num_steps}.')
+  if num_steps == 1:
+    return np.asarray([sigma_max, 0.0], np.float64)
+  i = np.arange(num_steps, dtype=np.float64)
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
+  sigmas[0], sigmas[-1] = sigma_max, sigma_min
+  return np.append(sigmas, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# ECT (Geng et al. 2024): the continuous r(t) schedule with stage doubling
+# --------------------------------------------------------------------------------------------------
+def ect_stage(step, stage_steps: int):
+  """ECT stage: floor(k / stage_steps); the gap t - r shrinks by a factor q at each stage."""
+  return jnp.asarray(step, jnp.int32) // stage_steps
+
+
+def ect_r(t, stage, q: float, k: float, b: float):
+  """ECT: r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t)))). 0 <= r < t; r -> t as the stage grows."""
+  decay = jnp.power(jnp.asarray(q, jnp.float32), -(jnp.asarray(stage, jnp.float32) + 1.0))
+  ratio = 1.0 - decay * (1.0 + k * jax.nn.sigmoid(-b * t))
+  return jnp.maximum(t * ratio, 0.0)

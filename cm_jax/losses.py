@@ -1,7 +1,12 @@
-"""Training losses: pure functions (params, target_params, x0, step, rng) -> (loss, metrics).
+"""Training losses: pure functions (params, target_params, x0, step, rng, teacher_params) -> (loss, metrics).
 
-Strings from the config are resolved into functions here, once, by `make_ct_settings`; nothing inside a
-traced loss dispatches on strings.
+- 'ct':  consistency training (CM 2023 and iCT).
+- 'edm': the EDM diffusion loss that trains a teacher (a denoiser with eps = 0).
+- 'cd':  consistency distillation from an EDM teacher (one teacher ODE step per pair of grid points).
+- 'ect': easy consistency tuning (Geng et al. 2024): continuous (t, r) pairs, the gap shrinking by stages.
+
+`make_loss` resolves every string of the config into functions, once; nothing inside a traced loss
+dispatches on strings. teacher_params is None for every loss but 'cd'.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from cm_jax import karras
+from cm_jax import sampling
 from cm_jax.denoiser import Denoiser
 
 
@@ -47,9 +53,10 @@ def make_ct_settings(config: ml_collections.ConfigDict, image_shape: tuple[int, 
   schedules = {
       'exponential': functools.partial(karras.ict_num_points, total_steps=total, s0=lc.s0, s1=lc.s1),
       'adaptive': functools.partial(karras.ct_num_points, total_steps=total, s0=lc.s0, s1=lc.s1),
+      'fixed': lambda step: jnp.asarray(lc.num_points, jnp.int32),
   }
   grid = dict(sigma_min=cc.sigma_min, sigma_max=cc.sigma_max, rho=cc.rho)
-  max_points = int(lc.s1) + 1
+  max_points = int(lc.num_points) if lc.schedule == 'fixed' else int(lc.s1) + 1
   index_dists = {
       'lognormal': functools.partial(karras.lognormal_index_logits, max_points=max_points, p_mean=lc.p_mean,
                                      p_std=lc.p_std, **grid),
@@ -61,18 +68,21 @@ def make_ct_settings(config: ml_collections.ConfigDict, image_shape: tuple[int, 
       'pseudo_huber': functools.partial(karras.pseudo_huber_distance, c=huber_c),
       'l2': karras.l2_distance,
       'l1': karras.l1_distance,
+      'l2_norm': karras.l2_norm_distance,
   }
   weights = {
       'inverse_delta': karras.inverse_delta_weight,
       'uniform': lambda lo, hi: jnp.ones_like(lo),
+      'edm': lambda lo, hi: karras.edm_weight(hi, cc.sigma_data),
   }
   num_points = _choose(schedules, lc.schedule, 'loss.schedule')
   targets = {
       'stopgrad': None,
-      'ema': lambda step: karras.ct_target_decay(num_points(step), lc.s0, lc.mu0, lc.mu_variant),
+      'ema': lambda step: (jnp.asarray(lc.mu0, jnp.float32) if lc.mu_variant == 'constant' else
+                           karras.ct_target_decay(num_points(step), lc.s0, lc.mu0, lc.mu_variant)),
   }
   if lc.target == 'ema':
-    _choose({'paper': 0, 'official': 0}, lc.mu_variant, 'loss.mu_variant')
+    _choose({'paper': 0, 'official': 0, 'constant': 0}, lc.mu_variant, 'loss.mu_variant')
   return CTSettings(
       max_points=max_points, num_points=num_points,
       index_logits=_choose(index_dists, lc.index_distribution, 'loss.index_distribution'),
@@ -88,13 +98,38 @@ def _choose(options: dict, key: str, field: str):
   return options[key]
 
 
-def consistency_training_loss(params, target_params, x0_BHWC, step, rng, *, denoiser: Denoiser,
-                              settings: CTSettings):
+def consistency_training_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *,
+                              denoiser: Denoiser, settings: CTSettings):
   """CT loss: lambda(sigma_n) d(f(x + s_{n+1} z, s_{n+1}), stopgrad f^-(x + s_n z, s_n)), mean over batch.
 
   target_params=None means mu = 0: the target is the online network under stop_gradient (iCT).
-  Student and target share z and the dropout rng. Returns (loss, metrics).
+  Student and target share z and the dropout rng. teacher_params is unused. Returns (loss, metrics).
   """
+  del teacher_params
+  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, denoiser=denoiser, settings=settings,
+                                target_input=lambda x_hi, sigma_hi, x_lo, sigma_lo: x_lo)
+
+
+def consistency_distillation_loss(params, target_params, x0_BHWC, step, rng, teacher_params, *,
+                                  denoiser: Denoiser, teacher: Denoiser, solver: str, settings: CTSettings):
+  """CD loss (CM eq. 7): lambda(sigma_n) d(f(x + s_{n+1} z, s_{n+1}), stopgrad f^-(x_hat, s_n)), batch mean.
+
+  x_hat is one step of the teacher's probability-flow ODE ('heun' or 'euler') from (x + s_{n+1} z, s_{n+1})
+  down to s_n; the teacher runs without dropout. Otherwise as consistency_training_loss.
+  """
+  teacher_fn = functools.partial(teacher, teacher_params)
+
+  def target_input(x_hi, sigma_hi, x_lo, sigma_lo):
+    del x_lo
+    return jax.lax.stop_gradient(sampling.ode_step(teacher_fn, x_hi, sigma_hi, sigma_lo, solver))
+
+  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, denoiser=denoiser, settings=settings,
+                                target_input=target_input)
+
+
+def _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, *, denoiser: Denoiser,
+                           settings: CTSettings, target_input):
+  """Shared body of CT and CD; target_input(x_hi, sigma_hi, x_lo, sigma_lo) is where the target is evaluated."""
   s = settings
   batch = x0_BHWC.shape[0]
   rng_index, rng_noise, rng_dropout = jax.random.split(rng, 3)
@@ -109,8 +144,9 @@ def consistency_training_loss(params, target_params, x0_BHWC, step, rng, *, deno
 
   student_BHWC = denoiser(params, x0_BHWC + expand(sigma_hi_B) * z_BHWC, sigma_hi_B, rng_dropout)
   target_params = params if target_params is None else target_params
-  target_BHWC = jax.lax.stop_gradient(
-      denoiser(target_params, x0_BHWC + expand(sigma_lo_B) * z_BHWC, sigma_lo_B, rng_dropout))
+  x_target = target_input(x0_BHWC + expand(sigma_hi_B) * z_BHWC, sigma_hi_B,
+                          x0_BHWC + expand(sigma_lo_B) * z_BHWC, sigma_lo_B)
+  target_BHWC = jax.lax.stop_gradient(denoiser(target_params, x_target, sigma_lo_B, rng_dropout))
 
   weight_B = s.weight(sigma_lo_B, sigma_hi_B)
   loss = jnp.mean(weight_B * s.distance(student_BHWC, target_BHWC))
@@ -123,3 +159,111 @@ def consistency_training_loss(params, target_params, x0_BHWC, step, rng, *, deno
       'mean_sigma': jnp.mean(sigma_hi_B),
   }
   return loss, metrics
+
+
+def edm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *, denoiser: Denoiser,
+             p_mean: float, p_std: float, sigma_data: float):
+  """EDM: ln sigma ~ N(p_mean, p_std^2); mean of w(sigma) |D(x + sigma z, sigma) - x|^2 (pixel mean).
+
+  w(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, so that the weighted target of the raw
+  network has unit variance at every sigma. `denoiser` has eps = 0 (an EDM denoiser, not a consistency model).
+  """
+  del target_params, step, teacher_params
+  rng_sigma, rng_noise, rng_dropout = jax.random.split(rng, 3)
+  sigma_B = karras.edm_training_sigma(rng_sigma, x0_BHWC.shape[0], p_mean, p_std)
+  z_BHWC = jax.random.normal(rng_noise, x0_BHWC.shape, x0_BHWC.dtype)
+  denoised_BHWC = denoiser(params, x0_BHWC + sigma_B[:, None, None, None] * z_BHWC, sigma_B, rng_dropout)
+  mse_B = karras.l2_distance(denoised_BHWC, x0_BHWC)
+  loss = jnp.mean(karras.edm_weight(sigma_B, sigma_data) * mse_B)
+  return loss, {'loss': loss, 'l2': jnp.mean(mse_B), 'mean_sigma': jnp.mean(sigma_B)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ECTSettings:
+  """Easy consistency tuning (Geng et al. 2024), resolved from config.loss."""
+  p_mean: float                           # ln t ~ N(p_mean, p_std^2) (ECT: -1.1, 2.0)
+  p_std: float
+  q: float                                # The gap t - r shrinks by q per stage ...
+  k: float                                # ... times 1 + k sigmoid(-b t).
+  b: float
+  stage_steps: int                        # Steps per stage.
+  distance: Callable[[Any, Any], Any]     # (student, target) -> (B,)
+  weight: Callable[[Any, Any], Any]       # (r, t) -> (B,)
+  huber_c: float
+
+
+def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *,
+                                 denoiser: Denoiser, settings: ECTSettings):
+  """ECT: w(t, r) d(f(x + t z, t), stopgrad f(x + r z, r)), t lognormal, r = ect_r(t, stage); batch mean.
+
+  The target is the online network under stop_gradient (no target EMA), with the same z and dropout mask;
+  where r = 0 the target is the clean image. Start from an EDM teacher's weights (teacher.init_student).
+  """
+  del target_params, teacher_params
+  s = settings
+  rng_t, rng_noise, rng_dropout = jax.random.split(rng, 3)
+  t_B = karras.edm_training_sigma(rng_t, x0_BHWC.shape[0], s.p_mean, s.p_std)
+  stage = karras.ect_stage(step, s.stage_steps)
+  r_B = karras.ect_r(t_B, stage, s.q, s.k, s.b)
+  z_BHWC = jax.random.normal(rng_noise, x0_BHWC.shape, x0_BHWC.dtype)
+
+  def expand(v_B):
+    return v_B[:, None, None, None]
+
+  student_BHWC = denoiser(params, x0_BHWC + expand(t_B) * z_BHWC, t_B, rng_dropout)
+  at_zero_B = r_B <= 0.0
+  r_safe_B = jnp.where(at_zero_B, t_B, r_B)  # Keeps ln(0) out of the network; those targets are x0 anyway.
+  target_BHWC = jax.lax.stop_gradient(jnp.where(
+      expand(at_zero_B), x0_BHWC, denoiser(params, x0_BHWC + expand(r_safe_B) * z_BHWC, r_safe_B, rng_dropout)))
+  loss = jnp.mean(s.weight(r_B, t_B) * s.distance(student_BHWC, target_BHWC))
+  metrics = {
+      'loss': loss,
+      'l2': jnp.mean(karras.l2_distance(student_BHWC, target_BHWC)),
+      'pseudo_huber': jnp.mean(karras.pseudo_huber_distance(student_BHWC, target_BHWC, s.huber_c)),
+      'stage': stage,
+      'mean_gap_ratio': jnp.mean((t_B - r_B) / t_B),
+      'fraction_r_zero': jnp.mean(at_zero_B.astype(jnp.float32)),
+  }
+  return loss, metrics
+
+
+def make_ect_settings(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> ECTSettings:
+  ct = make_ct_settings(config, image_shape)  # Resolves (and checks) loss.distance, weighting and huber_c.
+  lc = config.loss
+  return ECTSettings(p_mean=lc.p_mean, p_std=lc.p_std, q=lc.ect_q, k=lc.ect_k, b=lc.ect_b,
+                     stage_steps=int(lc.ect_stage_steps), distance=ct.distance, weight=ct.weight, huber_c=ct.huber_c)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A resolved training objective: loss_fn(params, target_params, x0, step, rng, teacher_params)."""
+  loss_fn: Callable[..., Any]
+  target_decay: Optional[Callable[[Any], Any]]  # step -> mu(k) when the state has target params, else None.
+
+
+def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], denoiser: Denoiser,
+              teacher: Optional[Denoiser] = None) -> Loss:
+  """The objective config.loss.name describes, bound to `denoiser` (and the teacher's denoiser for 'cd')."""
+  def ct():
+    settings = make_ct_settings(config, image_shape)
+    return Loss(functools.partial(consistency_training_loss, denoiser=denoiser, settings=settings),
+                settings.target_decay)
+
+  def cd():
+    if teacher is None:
+      raise ValueError("config.loss.name = 'cd' needs a teacher: set config.teacher.workdir.")
+    settings = make_ct_settings(config, image_shape)
+    solver = _choose({'heun': 'heun', 'euler': 'euler'}, config.teacher.solver, 'teacher.solver')
+    return Loss(functools.partial(consistency_distillation_loss, denoiser=denoiser, teacher=teacher,
+                                  solver=solver, settings=settings), settings.target_decay)
+
+  def edm():
+    lc = config.loss
+    return Loss(functools.partial(edm_loss, denoiser=denoiser, p_mean=lc.edm_p_mean, p_std=lc.edm_p_std,
+                                  sigma_data=config.consistency.sigma_data), None)
+
+  def ect():
+    return Loss(functools.partial(easy_consistency_tuning_loss, denoiser=denoiser,
+                                  settings=make_ect_settings(config, image_shape)), None)
+
+  return _choose({'ct': ct, 'cd': cd, 'edm': edm, 'ect': ect}, config.loss.name, 'loss.name')()

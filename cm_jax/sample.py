@@ -1,5 +1,8 @@
 r"""Sample CLI: python -m cm_jax.sample --workdir=DIR --num=10000 --steps=2 --seed=0 --out=samples.npz
 
+An EDM teacher (a run with loss.name = 'edm') is sampled with the EDM ODE sampler:
+    python -m cm_jax.sample --workdir=TEACHER --sampler=heun --steps=18 --num=10000 --out=teacher.npz
+
 Writes `arr_0` (uint8, (N, H, W, C), the OpenAI evaluation-suite convention) to --out and a PNG grid of
 the first samples next to it. Loads the latest (or --checkpoint_step) checkpoint read-only and uses the
 first sampling EMA unless --ema says otherwise. The same seed, checkpoint and times give the same samples.
@@ -24,7 +27,11 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
   flags.DEFINE_integer('num', 10_000, 'Number of samples.')
-  flags.DEFINE_integer('steps', 1, 'Network evaluations: 1 (one-step) or more (multistep, CM Algorithm 1).')
+  flags.DEFINE_integer('steps', None, 'Consistency models: network evaluations, 1 (default) or more (CM '
+                       'Algorithm 1). EDM models: Karras-grid steps (default config.sampling.diffusion_steps; '
+                       'Heun makes 2 steps - 1 network calls).')
+  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler'],
+                    "Default: 'consistency' for consistency models, config.sampling.diffusion_solver for EDM ones.")
   flags.DEFINE_list('ts', None, 'Descending intermediate times, steps - 1 of them (default: for 2 steps '
                     'config.sampling.two_step_t, otherwise the interior of a Karras grid).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
@@ -39,13 +46,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
-  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
-  logging.info('Sampling %d images, %d step(s), times %s, from step %d (%s).', FLAGS.num, FLAGS.steps,
-               inference.sampling_times(model.config, FLAGS.steps, times), model.step, model.which_params)
-  t0 = time.time()
-  samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
   if not FLAGS.out.endswith('.npz'):
     raise app.UsageError(f'--out must end in .npz, got {FLAGS.out!r}.')
+  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+  try:
+    spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  logging.info('Sampling %d images with %s, from step %d (%s).', FLAGS.num, spec.describe(), model.step,
+               model.which_params)
+  t0 = time.time()
+  samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                         sampler=FLAGS.sampler)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   np.savez(FLAGS.out, samples)
   print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')

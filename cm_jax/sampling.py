@@ -25,7 +25,8 @@ def default_times(steps: int, sigma_min: float, sigma_max: float, rho: float) ->
   """
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}.')
-  grid = np.asarray(karras.karras_grid(steps + 1, sigma_min, sigma_max, rho), np.float64)
+  with jax.ensure_compile_time_eval():  # Host constants even when called while tracing.
+    grid = np.asarray(karras.karras_grid(steps + 1, sigma_min, sigma_max, rho), np.float64)
   return tuple(float(t) for t in grid[1:-1][::-1])
 
 
@@ -81,3 +82,49 @@ def draw_noise(rng: jax.Array, shape_BHWC: tuple[int, ...], num_times: int) -> t
 def example_keys(seed_key: jax.Array, start: int, count: int) -> jax.Array:
   """Keys fold_in(seed_key, i) for i in [start, start + count)."""
   return jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(jnp.arange(start, start + count))
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusion (EDM) sampling: the probability-flow ODE dx/dt = (x - D(x, t)) / t, deterministic
+# --------------------------------------------------------------------------------------------------
+def ode_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax.Array, solver: str) -> jax.Array:
+  """One step of the probability-flow ODE from t to s (t > s > 0; s = 0 only with 'euler').
+
+  denoise_fn is an EDM denoiser D(x, sigma). 'euler': x + (s - t) d(x, t) with d = (x - D(x, t)) / t.
+  'heun': the Euler step, then the trapezoid correction with d at (x_euler, s) (EDM Algorithm 1);
+  two network calls. Used by the teacher sampler and by the consistency-distillation loss.
+  """
+  if solver not in ('euler', 'heun'):
+    raise ValueError(f"ODE solver {solver!r} is not 'euler' or 'heun'.")
+  def expand(v_B):
+    return v_B[:, None, None, None]
+  d_BHWC = (x_BHWC - denoise_fn(x_BHWC, t_B)) / expand(t_B)
+  x_euler = x_BHWC + expand(s_B - t_B) * d_BHWC
+  if solver == 'euler':
+    return x_euler
+  d_next = (x_euler - denoise_fn(x_euler, s_B)) / expand(s_B)
+  return x_BHWC + expand(s_B - t_B) * 0.5 * (d_BHWC + d_next)
+
+
+def diffusion_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, sigmas: np.ndarray, solver: str = 'heun', *,
+                     clip: bool = True) -> jax.Array:
+  """EDM deterministic sampler: x = sigmas[0] z, then ODE steps through the descending `sigmas`.
+
+  sigmas ends with 0 (karras.edm_sampling_sigmas). Every step but the last uses `solver`; the last step,
+  to sigma = 0, is Euler, which equals x = D(x, sigmas[-2]). The steps run under lax.scan, so the network
+  is traced once whatever the number of steps. clip: clip the result to [-1, 1].
+  """
+  sigmas = np.asarray(sigmas, np.float32)
+  if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
+    raise ValueError(f'sigmas must be strictly descending and end with 0, got {sigmas}.')
+  batch = z_BHWC.shape[0]
+  x = sigmas[0] * z_BHWC
+
+  def body(x, ts):
+    t, s = ts
+    return ode_step(denoise_fn, x, jnp.full((batch,), t), jnp.full((batch,), s), solver), None
+
+  if len(sigmas) > 2:
+    x, _ = jax.lax.scan(body, x, (jnp.asarray(sigmas[:-2]), jnp.asarray(sigmas[1:-1])))
+  x = denoise_fn(x, jnp.full((batch,), sigmas[-2]))  # The Euler step to sigma = 0.
+  return jnp.clip(x, -1.0, 1.0) if clip else x

@@ -1,5 +1,7 @@
-r"""Consistency training: `python -m cm_jax.train --config=configs/mnist_ct.py --workdir=DIR`.
+r"""Training: `python -m cm_jax.train --config=configs/mnist_ct.py --workdir=DIR`.
 
+One loop for every objective in cm_jax/losses.py: consistency training ('ct'), the EDM teacher ('edm'),
+consistency distillation from that teacher ('cd') and easy consistency tuning ('ect').
 `train_and_evaluate(config, workdir)` is the one entry point (CLI, tests, notebooks). A workdir is a run:
 starting again in a workdir that holds a checkpoint resumes from it.
 """
@@ -29,11 +31,16 @@ from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import losses
 from cm_jax import sampling
+from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
 
 
-def train_step(state: ts.TrainState, batch_BHWC, *, loss_fn, target_decay, tx, config: ml_collections.ConfigDict):
-  """One optimisation step. batch_BHWC is uint8; returns (new state, metrics of this step)."""
+def train_step(state: ts.TrainState, batch_BHWC, teacher_params, *, loss_fn, target_decay, tx,
+               config: ml_collections.ConfigDict):
+  """One optimisation step. batch_BHWC is uint8; teacher_params is None except for 'cd'.
+
+  Returns (new state, metrics of this step).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_flip, rng_loss = jax.random.split(rng)
   x0_BHWC = input_pipeline.to_model_range(batch_BHWC)
@@ -42,7 +49,7 @@ def train_step(state: ts.TrainState, batch_BHWC, *, loss_fn, target_decay, tx, c
     x0_BHWC = jnp.where(flip_B[:, None, None, None], x0_BHWC[:, :, ::-1, :], x0_BHWC)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss)
+  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss, teacher_params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
 
@@ -100,9 +107,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # ----------------------------------------------------------------------------------------------
   # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
   # ----------------------------------------------------------------------------------------------
+  # The teacher ('cd' every step; 'ect' and 'cd' with teacher.init_student at a fresh start) is loaded lazily,
+  # so that an ECT run can resume without its teacher.
+  teacher_cache = []
+
+  def get_teacher() -> inference.LoadedModel:
+    if not teacher_cache:
+      teacher_cache.append(teacher_lib.load_teacher(config))
+      t = teacher_cache[0]
+      logging.info('Teacher: step %d of %s (%s, %s).', t.step, config.teacher.workdir, t.which_params,
+                   'weights copied into the student at a fresh start' if config.teacher.init_student else
+                   'student initialised at random')
+    return teacher_cache[0]
+
   denoiser = inference.make_denoiser(config)
-  settings = losses.make_ct_settings(config, image_shape)
-  loss_fn = functools.partial(losses.consistency_training_loss, denoiser=denoiser, settings=settings)
+  teacher_params = None
+  if config.loss.name == 'cd':
+    teacher_params = get_teacher().params
+  objective = losses.make_loss(config, image_shape, denoiser,
+                               teacher=get_teacher().denoiser if config.loss.name == 'cd' else None)
   tx = ts.make_optimizer(config)
   abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -124,6 +147,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       raise
     logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
                  checkpointing.checkpoint_dir(workdir))
+  elif config.loss.name in ('cd', 'ect') and config.teacher.init_student:
+    init_params = get_teacher().params
+    if jax.tree.structure(init_params) != jax.tree.structure(abstract_state.params) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(abstract_state.params))):
+      raise ValueError(f'The teacher parameters in {config.teacher.workdir} do not fit config.model; give the '
+                       'student the same model config as the teacher, or set teacher.init_student = False.')
+    state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)(init_params)
+    logging.info('No checkpoint in %s: starting from step 0 with the teacher\'s weights.',
+                 checkpointing.checkpoint_dir(workdir))
   else:
     state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)()
     logging.info('No checkpoint in %s: starting from step 0.', checkpointing.checkpoint_dir(workdir))
@@ -132,19 +164,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # ----------------------------------------------------------------------------------------------
   # Compiled functions.
   # ----------------------------------------------------------------------------------------------
-  p_train_step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, target_decay=settings.target_decay, tx=tx,
-                                           config=config),
-                         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
-                         donate_argnums=0)
+  p_train_step = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
+                                           target_decay=objective.target_decay, tx=tx, config=config),
+                         in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
   grid_shape = (tc.num_eval_samples,) + image_shape
-  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape))
+  grid_samplers = inference.grid_samplers(config)
+  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape, grid_samplers))
 
   def write_samples(step: int, state: ts.TrainState) -> None:
     grid = sample_grid_from(p_sample_grid, state, config)
     if jax.process_index() == 0:
       path = images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
-      logging.info('Wrote one-step | two-step (t=%g) samples to %s', config.sampling.two_step_t, path)
-    writer.write_images(step, {'samples_1step_2step': grid[None]})
+      logging.info('Wrote samples (%s) to %s', ' | '.join(s.describe() for s in grid_samplers), path)
+    writer.write_images(step, {'samples': grid[None]})
 
   # ----------------------------------------------------------------------------------------------
   # Loop. The next step is dispatched before the previous step's metrics are read.
@@ -164,7 +197,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   t0 = time.time()
   try:
     for step in range(start_step, tc.num_steps):
-      state, metrics = p_train_step(state, global_batch(step))
+      state, metrics = p_train_step(state, global_batch(step), teacher_params)
       read_pending()  # The previous step's, while this one runs.
       pending.append((step, metrics))
       done = step + 1
@@ -188,11 +221,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   return state
 
 
-def sampling_images(denoiser, params, config, grid_shape):
-  """(one-step, two-step) fixed-seed samples in [-1, 1] for the eval grid."""
+def sampling_images(denoiser, params, config, grid_shape, samplers):
+  """Fixed-seed samples in [-1, 1] for the eval grid, one panel per sampler (inference.grid_samplers)."""
   keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, grid_shape[0])
-  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, times, config)
-               for times in ((), (config.sampling.two_step_t,)))
+  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, spec, config) for spec in samplers)
 
 
 def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:

@@ -63,17 +63,31 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return h, w, c
 
 
-def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh train state; run under jax.jit or jax.eval_shape."""
+def has_target_ema(config: ml_collections.ConfigDict) -> bool:
+  """Whether the state keeps target params theta^- (CT/CD with loss.target = 'ema'); else the target is
+  stop_gradient(params) or there is none (EDM)."""
+  return config.loss.name in ('ct', 'cd') and config.loss.target == 'ema'
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               init_params: Optional[Any] = None) -> TrainState:
+  """A fresh train state; run under jax.jit or jax.eval_shape.
+
+  init_params (e.g. an EDM teacher's weights) replace the random initialisation of params, target params
+  and every EMA; the rng keys are the same either way.
+  """
   model = models.create_model(config.model)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   h, w, c = image_shape(config)
-  params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), train=False)['params']
+  if init_params is None:
+    params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), train=False)['params']
+  else:
+    params = init_params
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       rng=train_rng,
       params=params,
-      target_params=params if config.loss.target == 'ema' else None,
+      target_params=params if has_target_ema(config) else None,
       ema_params=tuple(params for _ in config.training.ema_rates),
       opt_state=tx.init(params),
   )

@@ -52,24 +52,55 @@ def get_config() -> ml_collections.ConfigDict:
   model.positional_scale = 1000.0 # Positional embedding of positional_scale * c_noise (PyTorch CM code).
 
   # ---------------------------------------------------------------------------------------------
-  # loss: consistency training. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
-  # index_distribution='uniform', distance='l2', weighting='uniform', target='ema' (see configs/fashion_mnist_ct2023.py).
+  # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
+  # index_distribution='uniform', distance='l2', weighting='uniform', target='ema' (configs/fashion_mnist_ct2023.py).
   # ---------------------------------------------------------------------------------------------
   loss = config.loss = ml_collections.ConfigDict()
-  loss.name = 'ct'                # Only consistency training ('ct') for now.
-  loss.schedule = 'exponential'   # N(k): 'exponential' (iCT curriculum) | 'adaptive' (CM appendix C).
+  # 'ct': consistency training from data. 'edm': EDM diffusion loss (trains a teacher; sampled with Heun/Euler).
+  # 'cd': consistency distillation from the EDM teacher in teacher.workdir. 'ect': easy consistency tuning,
+  # fine-tuning the teacher's weights into a consistency model (Geng et al. 2024).
+  loss.name = 'ct'
+  # N(k), for 'ct' and 'cd': 'exponential' (iCT curriculum) | 'adaptive' (CM appendix C) | 'fixed' (num_points).
+  loss.schedule = 'exponential'
   loss.s0 = 10                    # Initial discretisation (iCT 10, CM 2).
   loss.s1 = 1280                  # Final discretisation (iCT 1280, CM 150).
+  loss.num_points = 18            # N of schedule 'fixed' (CM CD: 18 on CIFAR-10, 40 on ImageNet64).
   loss.total_steps = ml_collections.config_dict.placeholder(int)  # K of N(k), mu(k); None: training.num_steps.
   loss.index_distribution = 'lognormal'  # 'lognormal' (iCT, discretised) | 'uniform' (CM).
-  loss.p_mean = -1.1              # iCT lognormal mean of ln sigma.
-  loss.p_std = 2.0                # iCT lognormal std of ln sigma.
-  loss.distance = 'pseudo_huber'  # 'pseudo_huber' (per sample) | 'l2' | 'l1' (means over pixels).
+  loss.p_mean = -1.1              # Lognormal mean of ln sigma: iCT index distribution and ECT's t.
+  loss.p_std = 2.0                # Lognormal std of ln sigma (iCT and ECT).
+  # Per-sample distance: 'pseudo_huber' (iCT, over the whole sample) | 'l2' | 'l1' (means over pixels) |
+  # 'l2_norm' (||.||_2 of the whole sample; ECT, = pseudo-Huber with c = 0).
+  loss.distance = 'pseudo_huber'
   loss.huber_c = ml_collections.config_dict.placeholder(float)  # None: 0.00054 sqrt(H W C).
-  loss.weighting = 'inverse_delta'  # 'inverse_delta': 1/(sigma_{n+1} - sigma_n) (iCT) | 'uniform' (CM).
-  loss.target = 'stopgrad'        # 'stopgrad': mu = 0 (iCT) | 'ema': target EMA with mu(k) (CM).
+  # Weight of a pair (lo, hi): 'inverse_delta': 1/(hi - lo) (iCT; ECT's 1/(t - r)) | 'uniform' (CM) |
+  # 'edm': (hi^2 + sigma_data^2) / (hi sigma_data)^2 (the later ECT code's weighting).
+  loss.weighting = 'inverse_delta'
+  loss.target = 'stopgrad'        # 'ct'/'cd': 'stopgrad': mu = 0 (iCT; CM's CIFAR-10 CD) | 'ema': target EMA mu.
   loss.mu0 = 0.9                  # CM mu0 (used when target = 'ema').
-  loss.mu_variant = 'paper'       # 'paper': exp(s0 ln mu0 / N) | 'official': exp(s0 ln mu0 / (N - 1)).
+  # mu with target = 'ema': 'paper': exp(s0 ln mu0 / N) | 'official': exp(s0 ln mu0 / (N - 1)) |
+  # 'constant': mu0 (CM's ImageNet/LSUN CD: 0.95).
+  loss.mu_variant = 'paper'
+  loss.edm_p_mean = -1.2          # 'edm': ln sigma ~ N(edm_p_mean, edm_p_std^2) (EDM paper).
+  loss.edm_p_std = 1.2
+  loss.ect_q = 2.0                # 'ect': r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clipped at 0.
+  loss.ect_k = 8.0
+  loss.ect_b = 1.0
+  loss.ect_stage_steps = 2000     # 'ect': training steps per stage (the stage doubling interval).
+
+  # ---------------------------------------------------------------------------------------------
+  # teacher: the EDM run that 'cd' distils and 'ect' starts from (a cm_jax workdir trained with loss.name='edm').
+  # ---------------------------------------------------------------------------------------------
+  teacher = config.teacher = ml_collections.ConfigDict()
+  teacher.workdir = ml_collections.config_dict.placeholder(str)  # Required for 'cd' and 'ect'; read only.
+  teacher.step = ml_collections.config_dict.placeholder(int)     # Checkpoint step; None: the latest.
+  teacher.ema = ml_collections.config_dict.placeholder(float)    # Teacher EMA rate; None: its first sampling EMA.
+  teacher.solver = 'heun'         # 'cd': ODE step of the teacher between grid points, 'heun' (CM) | 'euler'.
+  # Start the student (and its EMAs and target) from the teacher's weights: True for ECT by definition and the
+  # default for CD, as in CM's official CD runs: the teacher already denoises well, so the student converges
+  # far sooner than from random weights. The student's config.model must then equal the teacher's.
+  # False: random initialisation (any student architecture).
+  teacher.init_student = True
 
   # ---------------------------------------------------------------------------------------------
   # optim: optax optimizer; the learning rate is a function of the step.
@@ -108,4 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling = config.sampling = ml_collections.ConfigDict()
   sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default).
   sampling.clip = True            # Clip each denoised x0 to [-1, 1] between steps (as the official code).
+  # Models trained with loss.name = 'edm' are sampled with the EDM ODE sampler instead:
+  sampling.diffusion_solver = 'heun'  # 'heun' (EDM Algorithm 1, 2 steps - 1 network calls) | 'euler'.
+  sampling.diffusion_steps = 18   # Karras-grid steps (EDM: 18, i.e. 35 network calls with Heun).
   return config

@@ -1,13 +1,26 @@
 """Tiny config that exercises every part of training in seconds on a CPU (tests and smoke runs).
 
 Works for any data.name, e.g. `--config.data.name=mnist`. Not meant to produce good samples.
+`--config=configs/test.py:edm` trains a tiny EDM teacher; `:cd` and `:ect` distil or tune it
+(with --config.teacher.workdir=TEACHER_DIR).
 """
 
 from configs import default
 
 
-def get_config():
+def get_config(loss_name: str = 'ct'):
   config = default.get_config()
+  config.loss.name = loss_name
+  if loss_name == 'cd':
+    config.loss.schedule = 'fixed'
+    config.loss.num_points = 6
+    config.loss.index_distribution = 'uniform'
+    config.loss.distance = 'l2'
+    config.loss.weighting = 'uniform'
+  if loss_name == 'ect':
+    config.loss.ect_stage_steps = 2
+    config.loss.distance = 'l2_norm'
+  config.sampling.diffusion_steps = 4
   config.model.ch = 8
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1

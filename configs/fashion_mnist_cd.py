@@ -1,0 +1,32 @@
+"""Consistency distillation (CM 2023) on Fashion-MNIST from the EDM teacher of configs/fashion_mnist_edm.py.
+
+    python -m cm_jax.train --config=configs/fashion_mnist_cd.py --workdir=CD_DIR \
+        --config.teacher.workdir=TEACHER_DIR
+
+CM's CIFAR-10 CD recipe at CPU size: fixed N = 18, n uniform, one Heun step of the teacher per pair,
+target mu = 0 (stop_gradient of the online network), unweighted l2 (the paper's best used LPIPS, which
+cm_jax does not ship). The student starts from the teacher's weights (teacher.init_student, as CM's official
+CD runs), so the model section must equal the teacher's. Adam at 4e-4: the student starts from a trained
+network and needs a gentler rate than training from scratch.
+"""
+
+from configs import fashion_mnist_edm
+
+
+def get_config():
+  config = fashion_mnist_edm.get_config()
+  loss = config.loss
+  loss.name = 'cd'
+  loss.schedule = 'fixed'
+  loss.num_points = 18
+  loss.index_distribution = 'uniform'
+  loss.distance = 'l2'
+  loss.weighting = 'uniform'
+  loss.target = 'stopgrad'
+  config.teacher.solver = 'heun'
+  config.teacher.init_student = True
+  config.optim.lr = 4e-4
+  config.training.num_steps = 2400
+  config.training.eval_every = 300
+  config.sampling.two_step_t = 5.0
+  return config

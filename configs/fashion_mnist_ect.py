@@ -1,0 +1,31 @@
+"""Easy consistency tuning (ECT, Geng et al. 2024) on Fashion-MNIST, fine-tuning the EDM teacher.
+
+    python -m cm_jax.train --config=configs/fashion_mnist_ect.py --workdir=ECT_DIR \
+        --config.teacher.workdir=TEACHER_DIR
+
+t ~ lognormal(-1.1, 2.0); r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))) with q = 2, k = 8, b = 1; the gap
+t - r halves every loss.ect_stage_steps steps (stages 0-4 in this budget); loss ||f(x_t, t) -
+stopgrad f(x_r, r)||_2 / (t - r), the target at r = 0 being the clean image. Starts from the teacher's weights.
+"""
+
+from configs import fashion_mnist_edm
+
+
+def get_config():
+  config = fashion_mnist_edm.get_config()
+  loss = config.loss
+  loss.name = 'ect'
+  loss.p_mean = -1.1
+  loss.p_std = 2.0
+  loss.ect_q = 2.0
+  loss.ect_k = 8.0
+  loss.ect_b = 1.0
+  loss.ect_stage_steps = 500
+  loss.distance = 'l2_norm'
+  loss.weighting = 'inverse_delta'
+  config.teacher.init_student = True
+  config.optim.lr = 4e-4
+  config.training.num_steps = 2400
+  config.training.eval_every = 300
+  config.sampling.two_step_t = 5.0
+  return config

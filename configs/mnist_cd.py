@@ -1,0 +1,13 @@
+"""Consistency distillation on MNIST: configs/fashion_mnist_cd.py with data.name = 'mnist' and no flips.
+
+Needs an MNIST teacher: `python -m cm_jax.train --config=configs/mnist_edm.py --workdir=TEACHER_DIR`.
+"""
+
+from configs import fashion_mnist_cd
+
+
+def get_config():
+  config = fashion_mnist_cd.get_config()
+  config.data.name = 'mnist'
+  config.data.random_flip = False
+  return config
