@@ -66,11 +66,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 < lc.mu0 < 1.0, 'loss.mu0', f'must lie in (0, 1), got {lc.mu0}.')
   _require(lc.p_std > 0, 'loss.p_std', 'must be > 0.')
   if lc.schedule == 'fixed':
-    _require(lc.num_points >= 2, 'loss.num_points', f'the fixed schedule needs >= 2 grid points, got {lc.num_points}.')
+    _require(lc.num_points >= 2, 'loss.num_points',
+             f'the fixed schedule needs >= 2 grid points, got {lc.num_points}.')
   _require(lc.edm_p_std > 0, 'loss.edm_p_std', 'must be > 0.')
   _require(lc.ect_q > 1 and lc.ect_k >= 0 and lc.ect_b >= 0, 'loss.ect_q',
            f'need ect_q > 1, ect_k >= 0, ect_b >= 0, got {lc.ect_q}, {lc.ect_k}, {lc.ect_b}.')
   _require(lc.ect_stage_steps >= 1, 'loss.ect_stage_steps', f'must be >= 1, got {lc.ect_stage_steps}.')
+  if lc.name == 'ect':
+    # r = t (1 - q^-(stage+1) (...)) in float32: past a relative gap of ~2^-14 the gap t - r is quantised
+    # and at ~2^-24 it is 0 (an infinite weight 1/(t - r)).
+    last_stage = (tc.num_steps - 1) // lc.ect_stage_steps
+    _require(lc.ect_q ** (last_stage + 1) <= 2.0**14, 'loss.ect_stage_steps',
+             f'{tc.num_steps} steps at {lc.ect_stage_steps} steps per stage reach stage {last_stage}, where the '
+             f'gap t - r = t q^-(stage+1)(...) is below float32 resolution (q = {lc.ect_q}); raise '
+             'ect_stage_steps so that q^(last stage + 1) <= 2^14.')
+  if lc.schedule == 'fixed' and lc.target == 'ema' and lc.name in ('ct', 'cd'):
+    _require(lc.mu_variant == 'constant', 'loss.mu_variant',
+             "with a fixed schedule the target EMA rate is constant: use mu_variant = 'constant' (mu = mu0).")
   if lc.name in ('cd', 'ect'):
     _require(config.teacher.workdir is not None, 'teacher.workdir',
              f"loss.name = {lc.name!r} needs an EDM teacher: set --config.teacher.workdir=DIR to the workdir of a "

@@ -17,17 +17,39 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, 'configs', '*.py')))
 
 
-def load(path):
+def load(path, *args):
   spec = importlib.util.spec_from_file_location('cfg', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(*args)
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIG_FILES if not p.endswith('__init__.py')],
                          ids=os.path.basename)
 def test_every_config_file_validates(path):
-  config_validation.validate(load(path))
+  config = load(path)
+  if config.loss.name in ('cd', 'ect'):
+    # Distillation and tuning configs need the teacher's workdir, which only the user knows.
+    with pytest.raises(ValueError, match=r'config\.teacher\.workdir'):
+      config_validation.validate(config)
+    config.teacher.workdir = '/path/to/teacher'
+  config_validation.validate(config)
+
+
+@pytest.mark.parametrize('loss_name', ['ct', 'edm', 'cd', 'ect'])
+def test_tiny_test_config_has_a_variant_per_loss(loss_name):
+  config = load(os.path.join(REPO_ROOT, 'configs', 'test.py'), loss_name)
+  assert config.loss.name == loss_name
+  config.teacher.workdir = '/path/to/teacher'
+  config_validation.validate(config)
+
+
+def test_ect_must_start_from_the_teacher():
+  config = load(os.path.join(REPO_ROOT, 'configs', 'test.py'), 'ect')
+  config.teacher.workdir = '/path/to/teacher'
+  config.teacher.init_student = False
+  with pytest.raises(ValueError, match=r'config\.teacher\.init_student'):
+    config_validation.validate(config)
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -38,6 +60,14 @@ def test_every_config_file_validates(path):
     ('sampling.two_step_t', 100.0, 'sampling.two_step_t'),
     ('data.source', 'internet', 'data.source'),
     ('optim.decay', 'linear', 'optim.decay'),
+    ('loss.name', 'sct', 'loss.name'),
+    ('loss.schedule', 'cosine', 'loss.schedule'),
+    ('teacher.solver', 'rk4', 'teacher.solver'),
+    ('sampling.diffusion_solver', 'dpm', 'sampling.diffusion_solver'),
+    ('sampling.diffusion_steps', 0, 'sampling.diffusion_steps'),
+    ('loss.ect_q', 1.0, 'loss.ect_q'),
+    ('loss.ect_stage_steps', 0, 'loss.ect_stage_steps'),
+    ('loss.edm_p_std', 0.0, 'loss.edm_p_std'),
 ])
 def test_validation_names_the_field(field, value, message):
   config = default.get_config()
@@ -82,3 +112,24 @@ def test_ema_decay_warmup():
   assert float(ts.ema_decay(0.999, 0, True)) == pytest.approx(0.1)
   assert float(ts.ema_decay(0.999, 10**6, True)) == pytest.approx(0.999)
   assert float(ts.ema_decay(0.999, 0, False)) == pytest.approx(0.999)
+
+
+def test_ect_stages_past_float32_resolution_are_refused():
+  """At stage s the gap t - r is t q^-(s+1)(...); past 2^-14 it is quantised in float32, at 2^-24 zero."""
+  config = load(os.path.join(REPO_ROOT, 'configs', 'fashion_mnist_ect.py'))
+  config.teacher.workdir = '/path/to/teacher'
+  config.training.num_steps = 500 * 14  # Last stage 13: q^14 = 2^14, the limit.
+  config_validation.validate(config)
+  config.training.num_steps = 500 * 14 + 1  # Reaches stage 14.
+  with pytest.raises(ValueError, match=r'config\.loss\.ect_stage_steps: .* reach stage 14'):
+    config_validation.validate(config)
+
+
+def test_fixed_schedule_with_a_target_ema_needs_a_constant_rate():
+  config = load(os.path.join(REPO_ROOT, 'configs', 'fashion_mnist_cd.py'))
+  config.teacher.workdir = '/path/to/teacher'
+  config.loss.target = 'ema'
+  with pytest.raises(ValueError, match=r'config\.loss\.mu_variant'):
+    config_validation.validate(config)
+  config.loss.mu_variant = 'constant'
+  config_validation.validate(config)

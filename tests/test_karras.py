@@ -414,3 +414,160 @@ def test_inverse_delta_weight_on_fine_grid_near_eps():
   np.testing.assert_allclose(w_idx, w64[:10], rtol=1e-3)
   # Hand value: lambda(0.5, 1.0) = 2.
   assert float(karras.inverse_delta_weight(jnp.float32(0.5), jnp.float32(1.0))) == 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# EDM: loss weight, preconditioning with sigma_min = 0, training and sampling noise levels
+# --------------------------------------------------------------------------------------------------
+def test_l2_norm_distance_value_and_finite_gradient_at_zero():
+  # ||a - b||_2 over the whole sample (not a pixel mean): difference (3, 4, 0, 0) -> 5; zeros -> 0.
+  a = jnp.zeros((2, 2, 2, 1)).at[0, 0, 0, 0].set(3.0).at[0, 1, 1, 0].set(4.0)
+  got = np.asarray(karras.l2_norm_distance(a, jnp.zeros_like(a)))
+  assert got.shape == (2,)
+  np.testing.assert_allclose(got, [5.0, 0.0], atol=1e-18)
+  rng = np.random.default_rng(5)
+  x, y = rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 4, 4, 2))
+  want = np.sqrt(np.sum((x - y) ** 2, axis=(1, 2, 3)))
+  got = karras.l2_norm_distance(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  # d||d||/dd = d/||d|| is 0/0 at d = 0; the clamp makes the gradient finite there (a student equal to its
+  # target must not poison the update with NaN).
+  g = jax.grad(lambda v: karras.l2_norm_distance(v, jnp.zeros_like(v)).sum())(jnp.zeros((1, 2, 2, 1)))
+  g = np.asarray(g)
+  assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize('sd', [0.5, 1.0])
+def test_edm_weight_values(sd):
+  # At sigma = sigma_data: (sd^2 + sd^2) / (sd^2)^2 = 2 / sd^2 (= 8 for sd = 0.5, 2 for sd = 1).
+  np.testing.assert_allclose(float(karras.edm_weight(jnp.float32(sd), sd)), 2.0 / sd ** 2, rtol=1e-6)
+  s = np.array([0.002, 0.05, 0.5, 2.52, 80.0])
+  want = (s ** 2 + sd ** 2) / (s * sd) ** 2
+  np.testing.assert_allclose(np.asarray(karras.edm_weight(jnp.asarray(s, jnp.float32), sd)), want, rtol=1e-5)
+  # EDM's weight is 1 / c_out^2 of the EDM preconditioning (eps = 0): c_out^2 = s^2 sd^2 / (s^2 + sd^2).
+  c_out = np.asarray(karras.c_out(jnp.asarray(s, jnp.float32), sd, 0.0), np.float64)
+  np.testing.assert_allclose(np.asarray(karras.edm_weight(jnp.asarray(s, jnp.float32), sd)), 1 / c_out ** 2,
+                             rtol=1e-5)
+  # Small sigma: ~ 1/sigma^2 (0.002 -> 250004 for sd = 0.5); large sigma: -> 1/sd^2 (80 -> 4.000156).
+  if sd == 0.5:
+    np.testing.assert_allclose(want[[0, -1]], [250004.0, 4.000156], rtol=1e-6)
+
+
+def test_precondition_edm_with_sigma_min_zero_linear_net():
+  """EDM denoiser D = c_skip x + c_out F(c_in x): with F(u) = w u, D = (c_skip + c_out c_in w) x, where
+  (EDM table 1) c_skip = sd^2/(s^2 + sd^2), c_out = s sd/sqrt(s^2 + sd^2), c_in = 1/sqrt(s^2 + sd^2)."""
+  w = 0.6
+  s = np.array([0.01, 0.5, 3.0, 80.0])
+  x = np.random.default_rng(2).normal(size=(4, 2, 2, 1))
+  xj, sj = jnp.asarray(x, jnp.float32), jnp.asarray(s, jnp.float32)
+  out = np.asarray(karras.precondition(lambda u, c: w * u, xj, sj, sigma_data=SD, sigma_min=0.0))
+  c_skip = SD ** 2 / (s ** 2 + SD ** 2)
+  c_out = s * SD / np.sqrt(s ** 2 + SD ** 2)
+  c_in = 1 / np.sqrt(s ** 2 + SD ** 2)
+  want = (c_skip + c_out * c_in * w)[:, None, None, None] * x
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+  # At s = sd: c_skip = 1/2, c_out c_in = sd^2/(2 sd^2) = 1/2 -> D = (1 + w)/2 x = 0.8 x.
+  np.testing.assert_allclose(out[1], 0.8 * x[1], rtol=1e-5)
+  # The consistency parameterisation (eps = 0.002) is a different function (the test can tell them apart).
+  cm = np.asarray(karras.precondition(lambda u, c: w * u, xj, sj, sigma_data=SD, sigma_min=EPS))
+  assert np.max(np.abs(cm[0] - out[0])) > 1e-3 * np.max(np.abs(x[0]))
+
+
+def edm_sigmas64(num_steps, sigma_min, sigma_max, rho):
+  """EDM eq. 5 (descending): t_i = (T^(1/rho) + i/(N-1) (eps^(1/rho) - T^(1/rho)))^rho, i < N; t_N = 0."""
+  i = np.arange(num_steps, dtype=np.float64)
+  t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+  return np.append(t, 0.0)
+
+
+@pytest.mark.parametrize('num_steps', [2, 3, 18, 40])
+def test_edm_sampling_sigmas(num_steps):
+  got = karras.edm_sampling_sigmas(num_steps, EPS, T, RHO)
+  assert got.shape == (num_steps + 1,)
+  assert got[0] == T and got[-2] == EPS and got[-1] == 0.0  # the endpoints exactly, not rounded powers
+  assert np.all(np.diff(got) < 0)
+  np.testing.assert_allclose(got, edm_sigmas64(num_steps, EPS, T, RHO), rtol=1e-12)
+  # It is the ascending CM grid reversed, plus the final 0.
+  np.testing.assert_allclose(got[:-1][::-1], grid64(num_steps), rtol=1e-12)
+  if num_steps == 3:  # the middle point, by hand as in test_karras_grid_hand_values
+    np.testing.assert_allclose(got[1], 2.51522, rtol=1e-5)
+
+
+def test_edm_sampling_sigmas_edge_cases():
+  np.testing.assert_array_equal(karras.edm_sampling_sigmas(1, EPS, T, RHO), [T, 0.0])
+  for bad in (0, -3):
+    with pytest.raises(ValueError):
+      karras.edm_sampling_sigmas(bad, EPS, T, RHO)
+
+
+def test_edm_training_sigma_is_lognormal():
+  # ln sigma ~ N(-1.2, 1.2^2): with 100k draws the sample mean has std 1.2/sqrt(1e5) = 0.0038 and the
+  # sample std has std ~ 1.2/sqrt(2e5) = 0.0027; 0.02 is > 5 standard errors.
+  sigma = np.asarray(karras.edm_training_sigma(jax.random.PRNGKey(0), 100_000, -1.2, 1.2), np.float64)
+  assert sigma.shape == (100_000,) and np.all(sigma > 0)
+  log_s = np.log(sigma)
+  np.testing.assert_allclose(log_s.mean(), -1.2, atol=0.02)
+  np.testing.assert_allclose(log_s.std(), 1.2, atol=0.02)
+  # Median exp(-1.2) = 0.301 (half the draws below it).
+  np.testing.assert_allclose(np.mean(sigma < math.exp(-1.2)), 0.5, atol=0.01)
+  # Other parameters move it: ECT's (-1.1, 2.0).
+  log_s2 = np.log(np.asarray(karras.edm_training_sigma(jax.random.PRNGKey(1), 100_000, -1.1, 2.0), np.float64))
+  np.testing.assert_allclose([log_s2.mean(), log_s2.std()], [-1.1, 2.0], atol=0.03)
+
+
+# --------------------------------------------------------------------------------------------------
+# ECT r(t) schedule
+# --------------------------------------------------------------------------------------------------
+ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0
+
+
+def ect_r64(t, stage, q=ECT_Q, k=ECT_K, b=ECT_B):
+  """ECT (Geng et al. 2024): r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t)))), float64."""
+  t = np.asarray(t, np.float64)
+  sigmoid_minus_bt = np.exp(-b * t) / (1 + np.exp(-b * t))  # t > 0: no overflow
+  return np.maximum(t * (1 - q ** -(stage + 1.0) * (1 + k * sigmoid_minus_bt)), 0.0)
+
+
+def test_ect_stage():
+  # floor(k / stage_steps), also traced.
+  steps = np.array([0, 1, 1999, 2000, 2001, 3999, 4000, 17_999, 18_000, 10 ** 9])
+  want = steps // 2000
+  np.testing.assert_array_equal(np.asarray(karras.ect_stage(steps, 2000)), want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda k: karras.ect_stage(k, 2000))(steps)), want)
+  assert int(karras.ect_stage(7, 3)) == 2
+
+
+@pytest.mark.parametrize('stage', range(9))
+def test_ect_r_bounds_and_formula(stage):
+  t = np.logspace(-3, 3, 61)
+  r = np.asarray(karras.ect_r(jnp.asarray(t, jnp.float32), stage, ECT_Q, ECT_K, ECT_B), np.float64)
+  t32 = np.asarray(jnp.asarray(t, jnp.float32), np.float64)
+  assert np.all(r >= 0) and np.all(r < t32)
+  want = ect_r64(t32, stage)
+  # r = t * ratio with ratio computed in float32: absolute error ~1e-7 t (ratio can be near 0 at the clamp).
+  assert np.all(np.abs(r - want) <= 1e-6 * t32), np.max(np.abs(r - want) / t32)
+  # Where r > 0 the relative gap is exactly q^-(s+1) (1 + k sigmoid(-b t)) (float32 cancellation in t - r
+  # is ~6e-8 / gap, gap >= 2^-9 at stage 8, hence rtol 1e-4).
+  pos = want > 0
+  gap = 2.0 ** -(stage + 1) * (1 + ECT_K * np.exp(-ECT_B * t32) / (1 + np.exp(-ECT_B * t32)))
+  np.testing.assert_allclose(((t32 - r) / t32)[pos], gap[pos], rtol=1e-4)
+  # Large t: sigmoid(-1000) = 0, so (t - r)/t -> q^-(s+1) exactly (2^-1 = 0.5 at stage 0).
+  np.testing.assert_allclose((t32[-1] - r[-1]) / t32[-1], 2.0 ** -(stage + 1), rtol=1e-4)
+
+
+def test_ect_r_clamps_to_zero_and_approaches_t():
+  # Stage 0 at small t: 1 - (1/2)(1 + 8 * 1/2) = 1 - 2.5 < 0 -> clamped to 0 (never negative).
+  # r = 0 exactly while 1 + 8 sigmoid(-t) >= 2, i.e. sigmoid(-t) >= 1/8, i.e. t <= ln 7 = 1.9459.
+  t = jnp.asarray([1e-3, 0.1, 1.0, 1.9, 2.0, 10.0], jnp.float32)
+  r0 = np.asarray(karras.ect_r(t, 0, ECT_Q, ECT_K, ECT_B))
+  np.testing.assert_array_equal(r0[:4], 0.0)
+  assert np.all(r0[4:] > 0)
+  # Stage 1 (factor 1/4): r = 0 iff 1 + 8 sigmoid(-t) >= 4, i.e. t <= ln(5/3) = 0.5108.
+  r1 = np.asarray(karras.ect_r(jnp.asarray([0.5, 0.52], jnp.float32), 1, ECT_Q, ECT_K, ECT_B))
+  assert r1[0] == 0.0 and r1[1] > 0.0
+  # r(t) increases with the stage, and (t - r)/t halves per stage once r > 0 at t = 50 (sigmoid(-50) ~ 2e-22).
+  gaps = [float((50.0 - karras.ect_r(jnp.float32(50.0), s, ECT_Q, ECT_K, ECT_B)) / 50.0) for s in range(6)]
+  np.testing.assert_allclose(gaps, [0.5 ** (s + 1) for s in range(6)], rtol=1e-5)
+  # Traced stage (it is a function of the traced step inside the train step).
+  f = jax.jit(lambda t, s: karras.ect_r(t, s, ECT_Q, ECT_K, ECT_B))
+  np.testing.assert_allclose(np.asarray(f(t, jnp.int32(3))), ect_r64(np.asarray(t, np.float64), 3), rtol=1e-5)
