@@ -109,20 +109,12 @@ def test_cd_with_a_random_student_and_euler_teacher_and_target_ema(teacher_dir, 
   assert state.target_params is not None and not tree_equal(state.target_params, state.params)
 
 
-def test_cd_resume_is_bit_identical(teacher_dir, cd_run, tmp_path, monkeypatch):
+def test_cd_resume_is_bit_identical(teacher_dir, cd_run, tmp_path, preempt_at):
   _, straight = cd_run
-  save = checkpointing.save
-
-  def save_then_preempt(manager, state, *args):
-    save(manager, state, *args)
-    if int(state.step) == 2:
-      manager.wait_until_finished()
-      raise KeyboardInterrupt('simulated preemption after the step-2 checkpoint')
-
-  monkeypatch.setattr(checkpointing, 'save', save_then_preempt)
+  preempt_at(2)
   with pytest.raises(KeyboardInterrupt):
     run(tiny('cd', teacher_dir), tmp_path)
-  monkeypatch.setattr(checkpointing, 'save', save)
+  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2]
   resumed = run(tiny('cd', teacher_dir), tmp_path)
   assert int(resumed.step) == 4
   assert tree_equal(straight.params, resumed.params) and tree_equal(straight.ema_params, resumed.ema_params)

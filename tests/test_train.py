@@ -71,22 +71,13 @@ def test_offline_fashion_mnist_run_writes_everything(straight_run):
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-def test_resume_is_bit_identical(straight_run, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(straight_run, tmp_path, preempt_at):
   """20 steps straight == 10 steps, a kill, a restart, 10 more: same params, EMAs, optimizer state, samples."""
   straight_dir, config, straight_state = straight_run
   resumed_dir = str(tmp_path)
-  save = checkpointing.save
-
-  def save_then_preempt(manager, state, *args):
-    save(manager, state, *args)
-    if int(state.step) == 10:
-      manager.wait_until_finished()
-      raise KeyboardInterrupt('simulated preemption after the step-10 checkpoint')
-
-  monkeypatch.setattr(checkpointing, 'save', save_then_preempt)
+  preempt_at(10)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, resumed_dir)
-  monkeypatch.setattr(checkpointing, 'save', save)
   assert checkpointing.make_manager(resumed_dir, read_only=True).all_steps() == [10]
   resumed_state = train.train_and_evaluate(config, resumed_dir)  # Resumes from step 10.
   assert int(resumed_state.step) == 20
