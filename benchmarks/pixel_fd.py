@@ -21,8 +21,8 @@ from cm_jax import input_pipeline
 
 flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 flags.DEFINE_integer('num', 2000, 'Samples per setting.')
-flags.DEFINE_list('steps', ['1', '2'], 'Step counts to evaluate (2 uses each of --two_step_ts); for an EDM '
-                  'model, Karras-grid steps of each of --solvers.')
+flags.DEFINE_list('steps', None, 'Step counts to evaluate (2 uses each of --two_step_ts); default 1,2. For an '
+                  'EDM model, Karras-grid steps of each of --solvers; default config.sampling.diffusion_steps.')
 flags.DEFINE_list('solvers', ['heun'], 'EDM models only: ODE solvers to evaluate.')
 flags.DEFINE_list('two_step_ts', [], 'Intermediate times for two-step sampling (default: the config).')
 flags.DEFINE_integer('dims', 64, 'PCA dimensions.')
@@ -55,7 +55,11 @@ def main(_):
   results = {'workdir': FLAGS.workdir, 'step': model.step, 'params': model.which_params, 'num': FLAGS.num,
              'dims': FLAGS.dims, 'reference': 'test split',
              'train_vs_test': frechet(*stats(train[rng.choice(len(train), FLAGS.num, replace=False)]), *ref)}
-  for steps in (int(s) for s in FLAGS.steps):
+  if FLAGS.steps is not None:
+    step_counts = [int(s) for s in FLAGS.steps]
+  else:
+    step_counts = [model.config.sampling.diffusion_steps] if model.is_diffusion_model else [1, 2]
+  for steps in step_counts:
     if model.is_diffusion_model:
       settings = [(solver, None, f'{solver}_{steps}step') for solver in FLAGS.solvers]
     else:

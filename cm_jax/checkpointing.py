@@ -93,8 +93,23 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
                      'away to start afresh.')
 
 
+def saved_data(manager: ocp.CheckpointManager) -> Optional[dict]:
+  """The `data` record (data fingerprint, and the teacher of CD/ECT runs) of the newest checkpoint that reads."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    except Exception:  # pylint: disable=broad-except
+      continue  # restore_for_resume reports and sets aside unreadable checkpoints.
+  return None
+
+
 def check_same_data(saved: dict, data: dict, workdir: str) -> None:
-  """Refuses to resume on a different dataset array: the same step would then index other examples."""
+  """Refuses to resume on a different dataset array: the same step would then index other examples.
+
+  The 'teacher' entry of CD/ECT runs is checked by teacher.check_same_teacher, not here.
+  """
+  saved = {k: v for k, v in saved.items() if k != 'teacher'}
+  data = {k: v for k, v in data.items() if k != 'teacher'}
   if saved != data:
     raise ValueError(
         f'The checkpoint in {checkpoint_dir(workdir)} was trained on a different training array ({saved}) than '

@@ -69,8 +69,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(lc.num_points >= 2, 'loss.num_points',
              f'the fixed schedule needs >= 2 grid points, got {lc.num_points}.')
   _require(lc.edm_p_std > 0, 'loss.edm_p_std', 'must be > 0.')
-  _require(lc.ect_q > 1 and lc.ect_k >= 0 and lc.ect_b >= 0, 'loss.ect_q',
-           f'need ect_q > 1, ect_k >= 0, ect_b >= 0, got {lc.ect_q}, {lc.ect_k}, {lc.ect_b}.')
+  _require(lc.ect_q > 1, 'loss.ect_q', f'must be > 1 (the gap shrinks by q per stage), got {lc.ect_q}.')
+  _require(lc.ect_k >= 0, 'loss.ect_k', f'must be >= 0, got {lc.ect_k}.')
+  _require(lc.ect_b >= 0, 'loss.ect_b', f'must be >= 0, got {lc.ect_b}.')
   _require(lc.ect_stage_steps >= 1, 'loss.ect_stage_steps', f'must be >= 1, got {lc.ect_stage_steps}.')
   if lc.name == 'ect':
     # r = t (1 - q^-(stage+1) (...)) in float32: past a relative gap of ~2^-14 the gap t - r is quantised
@@ -83,6 +84,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if lc.schedule == 'fixed' and lc.target == 'ema' and lc.name in ('ct', 'cd'):
     _require(lc.mu_variant == 'constant', 'loss.mu_variant',
              "with a fixed schedule the target EMA rate is constant: use mu_variant = 'constant' (mu = mu0).")
+  if lc.name not in ('cd', 'ect'):
+    _require(config.teacher.workdir is None, 'teacher.workdir',
+             f"is set, but loss.name = {lc.name!r} has no teacher (only 'cd' and 'ect' use one); unset it or pick "
+             "--config.loss.name=cd / ect.")
+  if lc.name in ('edm', 'ect'):
+    _require(lc.target == 'stopgrad', 'loss.target',
+             f"loss.name = {lc.name!r} has no target network; leave loss.target = 'stopgrad'.")
   if lc.name in ('cd', 'ect'):
     _require(config.teacher.workdir is not None, 'teacher.workdir',
              f"loss.name = {lc.name!r} needs an EDM teacher: set --config.teacher.workdir=DIR to the workdir of a "

@@ -50,13 +50,16 @@ def make_ct_settings(config: ml_collections.ConfigDict, image_shape: tuple[int, 
   """Resolves config.loss (every string field) into a CTSettings. Raises ValueError naming bad fields."""
   lc, cc = config.loss, config.consistency
   total = schedule_total_steps(config)
+  # Plain values, read once: the functions below must not see later edits of the config.
+  fixed_points, s0, mu0, mu_variant, sigma_data = (int(lc.num_points), int(lc.s0), float(lc.mu0), lc.mu_variant,
+                                                   float(cc.sigma_data))
   schedules = {
       'exponential': functools.partial(karras.ict_num_points, total_steps=total, s0=lc.s0, s1=lc.s1),
       'adaptive': functools.partial(karras.ct_num_points, total_steps=total, s0=lc.s0, s1=lc.s1),
-      'fixed': lambda step: jnp.asarray(lc.num_points, jnp.int32),
+      'fixed': lambda step: jnp.asarray(fixed_points, jnp.int32),
   }
   grid = dict(sigma_min=cc.sigma_min, sigma_max=cc.sigma_max, rho=cc.rho)
-  max_points = int(lc.num_points) if lc.schedule == 'fixed' else int(lc.s1) + 1
+  max_points = fixed_points if lc.schedule == 'fixed' else int(lc.s1) + 1
   index_dists = {
       'lognormal': functools.partial(karras.lognormal_index_logits, max_points=max_points, p_mean=lc.p_mean,
                                      p_std=lc.p_std, **grid),
@@ -73,22 +76,22 @@ def make_ct_settings(config: ml_collections.ConfigDict, image_shape: tuple[int, 
   weights = {
       'inverse_delta': karras.inverse_delta_weight,
       'uniform': lambda lo, hi: jnp.ones_like(lo),
-      'edm': lambda lo, hi: karras.edm_weight(hi, cc.sigma_data),
+      'edm': lambda lo, hi: karras.edm_weight(hi, sigma_data),
   }
   num_points = _choose(schedules, lc.schedule, 'loss.schedule')
-  targets = {
-      'stopgrad': None,
-      'ema': lambda step: (jnp.asarray(lc.mu0, jnp.float32) if lc.mu_variant == 'constant' else
-                           karras.ct_target_decay(num_points(step), lc.s0, lc.mu0, lc.mu_variant)),
+  target_decays = {
+      'paper': lambda step: karras.ct_target_decay(num_points(step), s0, mu0, 'paper'),
+      'official': lambda step: karras.ct_target_decay(num_points(step), s0, mu0, 'official'),
+      'constant': lambda step: jnp.asarray(mu0, jnp.float32),
   }
-  if lc.target == 'ema':
-    _choose({'paper': 0, 'official': 0, 'constant': 0}, lc.mu_variant, 'loss.mu_variant')
+  targets = {'stopgrad': lambda: None,
+             'ema': lambda: _choose(target_decays, mu_variant, 'loss.mu_variant')}
   return CTSettings(
       max_points=max_points, num_points=num_points,
       index_logits=_choose(index_dists, lc.index_distribution, 'loss.index_distribution'),
       distance=_choose(distances, lc.distance, 'loss.distance'),
       weight=_choose(weights, lc.weighting, 'loss.weighting'),
-      target_decay=_choose(targets, lc.target, 'loss.target'),
+      target_decay=_choose(targets, lc.target, 'loss.target')(),
       huber_c=huber_c, **grid)
 
 
@@ -111,17 +114,19 @@ def consistency_training_loss(params, target_params, x0_BHWC, step, rng, teacher
 
 
 def consistency_distillation_loss(params, target_params, x0_BHWC, step, rng, teacher_params, *,
-                                  denoiser: Denoiser, teacher: Denoiser, solver: str, settings: CTSettings):
+                                  denoiser: Denoiser, teacher: Denoiser, ode_step_fn: Callable[..., Any],
+                                  settings: CTSettings):
   """CD loss (CM eq. 7): lambda(sigma_n) d(f(x + s_{n+1} z, s_{n+1}), stopgrad f^-(x_hat, s_n)), batch mean.
 
-  x_hat is one step of the teacher's probability-flow ODE ('heun' or 'euler') from (x + s_{n+1} z, s_{n+1})
-  down to s_n; the teacher runs without dropout. Otherwise as consistency_training_loss.
+  x_hat is one step of the teacher's probability-flow ODE (ode_step_fn: sampling.heun_step or euler_step)
+  from (x + s_{n+1} z, s_{n+1}) down to s_n; the teacher runs without dropout. Otherwise as
+  consistency_training_loss.
   """
   teacher_fn = functools.partial(teacher, teacher_params)
 
   def target_input(x_hi, sigma_hi, x_lo, sigma_lo):
     del x_lo
-    return jax.lax.stop_gradient(sampling.ode_step(teacher_fn, x_hi, sigma_hi, sigma_lo, solver))
+    return jax.lax.stop_gradient(ode_step_fn(teacher_fn, x_hi, sigma_hi, sigma_lo))
 
   return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, denoiser=denoiser, settings=settings,
                                 target_input=target_input)
@@ -253,9 +258,9 @@ def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, in
     if teacher is None:
       raise ValueError("config.loss.name = 'cd' needs a teacher: set config.teacher.workdir.")
     settings = make_ct_settings(config, image_shape)
-    solver = _choose({'heun': 'heun', 'euler': 'euler'}, config.teacher.solver, 'teacher.solver')
+    step_fn = _choose(sampling.ODE_SOLVERS, config.teacher.solver, 'teacher.solver')
     return Loss(functools.partial(consistency_distillation_loss, denoiser=denoiser, teacher=teacher,
-                                  solver=solver, settings=settings), settings.target_decay)
+                                  ode_step_fn=step_fn, settings=settings), settings.target_decay)
 
   def edm():
     lc = config.loss

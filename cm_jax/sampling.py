@@ -87,23 +87,42 @@ def example_keys(seed_key: jax.Array, start: int, count: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Diffusion (EDM) sampling: the probability-flow ODE dx/dt = (x - D(x, t)) / t, deterministic
 # --------------------------------------------------------------------------------------------------
-def ode_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax.Array, solver: str) -> jax.Array:
-  """One step of the probability-flow ODE from t to s (t > s > 0; s = 0 only with 'euler').
+def _expand(v_B):
+  return v_B[:, None, None, None]
 
-  denoise_fn is an EDM denoiser D(x, sigma). 'euler': x + (s - t) d(x, t) with d = (x - D(x, t)) / t.
-  'heun': the Euler step, then the trapezoid correction with d at (x_euler, s) (EDM Algorithm 1);
-  two network calls. Used by the teacher sampler and by the consistency-distillation loss.
+
+def euler_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax.Array) -> jax.Array:
+  """One Euler step of the probability-flow ODE from t to s: x + (s - t) d(x, t), d = (x - D(x, t)) / t.
+
+  denoise_fn is an EDM denoiser D(x, sigma); one network call; s = 0 is allowed.
   """
-  if solver not in ('euler', 'heun'):
-    raise ValueError(f"ODE solver {solver!r} is not 'euler' or 'heun'.")
-  def expand(v_B):
-    return v_B[:, None, None, None]
-  d_BHWC = (x_BHWC - denoise_fn(x_BHWC, t_B)) / expand(t_B)
-  x_euler = x_BHWC + expand(s_B - t_B) * d_BHWC
-  if solver == 'euler':
-    return x_euler
-  d_next = (x_euler - denoise_fn(x_euler, s_B)) / expand(s_B)
-  return x_BHWC + expand(s_B - t_B) * 0.5 * (d_BHWC + d_next)
+  d_BHWC = (x_BHWC - denoise_fn(x_BHWC, t_B)) / _expand(t_B)
+  return x_BHWC + _expand(s_B - t_B) * d_BHWC
+
+
+def heun_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax.Array) -> jax.Array:
+  """One Heun step from t to s > 0 (EDM Algorithm 1): the Euler step, then the trapezoid correction with d at
+  (x_euler, s). Two network calls."""
+  d_BHWC = (x_BHWC - denoise_fn(x_BHWC, t_B)) / _expand(t_B)
+  x_euler = x_BHWC + _expand(s_B - t_B) * d_BHWC
+  d_next = (x_euler - denoise_fn(x_euler, s_B)) / _expand(s_B)
+  return x_BHWC + _expand(s_B - t_B) * 0.5 * (d_BHWC + d_next)
+
+
+# Config strings (teacher.solver, sampling.diffusion_solver) are resolved here, outside traced code.
+ODE_SOLVERS = {'euler': euler_step, 'heun': heun_step}
+
+
+def ode_solver(name: str):
+  if name not in ODE_SOLVERS:
+    raise ValueError(f'ODE solver {name!r} is not one of {sorted(ODE_SOLVERS)}.')
+  return ODE_SOLVERS[name]
+
+
+def ode_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax.Array,
+             solver: str) -> jax.Array:
+  """One step of the probability-flow ODE dx/dt = (x - D(x, t)) / t from t to s with the solver named."""
+  return ode_solver(solver)(denoise_fn, x_BHWC, t_B, s_B)
 
 
 def diffusion_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, sigmas: np.ndarray, solver: str = 'heun', *,
@@ -117,12 +136,13 @@ def diffusion_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, sigmas: np.ndarra
   sigmas = np.asarray(sigmas, np.float32)
   if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or np.any(np.diff(sigmas) >= 0):
     raise ValueError(f'sigmas must be strictly descending and end with 0, got {sigmas}.')
+  step_fn = ode_solver(solver)
   batch = z_BHWC.shape[0]
   x = sigmas[0] * z_BHWC
 
   def body(x, ts):
     t, s = ts
-    return ode_step(denoise_fn, x, jnp.full((batch,), t), jnp.full((batch,), s), solver), None
+    return step_fn(denoise_fn, x, jnp.full((batch,), t), jnp.full((batch,), s)), None
 
   if len(sigmas) > 2:
     x, _ = jax.lax.scan(body, x, (jnp.asarray(sigmas[:-2]), jnp.asarray(sigmas[1:-1])))

@@ -6,13 +6,43 @@ through Orbax (inference.load) before anything is traced; the losses receive the
 
 from __future__ import annotations
 
+import hashlib
+import os
+from typing import Optional
+
+from absl import logging
+import jax
 import ml_collections
+import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import inference
 
 # Fields where the student must agree with its teacher whatever the initialisation.
 _SHARED_FIELDS = ('data.name', 'data.pad_to', 'consistency.sigma_data')
+
+
+def pin(config: ml_collections.ConfigDict,
+        saved_record: Optional[dict]) -> tuple[Optional[inference.LoadedModel], Optional[dict]]:
+  """The teacher of a 'cd' or 'ect' run and its fingerprint; (None, None) for other losses.
+
+  saved_record is the fingerprint in the run's newest checkpoint (None at a fresh start). A CD run loads its
+  teacher and refuses one that differs from the record; an ECT run, which uses the teacher only for its first
+  weights, resumes without loading it (teacher None) and keeps the record.
+  """
+  if config.loss.name not in ('cd', 'ect'):
+    return None, None
+  if config.loss.name == 'ect' and saved_record is not None:
+    return None, saved_record
+  teacher = load_teacher(config)
+  record = fingerprint(teacher, config.teacher.workdir)
+  if saved_record is not None:
+    check_same_teacher(saved_record, record)
+  logging.info('Teacher: step %d of %s (%s, sha256 %s); %s.', teacher.step, record['workdir'],
+               teacher.which_params, record['sha256'][:12],
+               'a fresh student starts from its weights' if config.teacher.init_student else
+               'a fresh student starts from random weights')
+  return teacher, record
 
 
 def load_teacher(config: ml_collections.ConfigDict) -> inference.LoadedModel:
@@ -57,3 +87,26 @@ def check_teacher(teacher_config: ml_collections.ConfigDict, config: ml_collecti
   if problems:
     raise ValueError(f'The teacher in {checkpointing.checkpoint_dir(workdir)} does not fit this run: '
                      + '; '.join(problems) + '.')
+
+
+def fingerprint(teacher: inference.LoadedModel, workdir: str) -> dict:
+  """What identifies a teacher: its absolute workdir, checkpoint step, which parameters, and their sha256.
+
+  Saved with every checkpoint of a CD or ECT run, so that a resumed run is distilled from the same network.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(teacher.params)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return {'workdir': os.path.abspath(workdir), 'step': int(teacher.step), 'params': teacher.which_params,
+          'sha256': digest.hexdigest()}
+
+
+def check_same_teacher(saved: dict, now: dict) -> None:
+  """Refuses to resume a run with another teacher than the one it was started with."""
+  if saved != now:
+    raise ValueError(
+        f'This run was started with the teacher at step {saved["step"]} of {saved["workdir"]} ({saved["params"]}, '
+        f'sha256 {saved["sha256"][:12]}), but config.teacher now gives step {now["step"]} of {now["workdir"]} '
+        f'({now["params"]}, sha256 {now["sha256"][:12]}); a resumed run would be distilled from another network. '
+        f'Resume with --config.teacher.workdir={saved["workdir"]} --config.teacher.step={saved["step"]} (and the '
+        'same teacher.ema), or start a new --workdir.')

@@ -107,25 +107,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # ----------------------------------------------------------------------------------------------
   # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
   # ----------------------------------------------------------------------------------------------
-  # The teacher ('cd' every step; 'ect' and 'cd' with teacher.init_student at a fresh start) is loaded lazily,
-  # so that an ECT run can resume without its teacher.
-  teacher_cache = []
+  manager = checkpointing.make_manager(workdir, config)
 
-  def get_teacher() -> inference.LoadedModel:
-    if not teacher_cache:
-      teacher_cache.append(teacher_lib.load_teacher(config))
-      t = teacher_cache[0]
-      logging.info('Teacher: step %d of %s (%s, %s).', t.step, config.teacher.workdir, t.which_params,
-                   'weights copied into the student at a fresh start' if config.teacher.init_student else
-                   'student initialised at random')
-    return teacher_cache[0]
+  try:  # The EDM teacher of 'cd' and 'ect', pinned to the one this run's checkpoints record.
+    teacher, teacher_record = teacher_lib.pin(config, (checkpointing.saved_data(manager) or {}).get('teacher'))
+  except BaseException:
+    manager.close()
+    raise
+  if teacher_record is not None:
+    data_fingerprint = dict(data_fingerprint, teacher=teacher_record)
 
   denoiser = inference.make_denoiser(config)
-  teacher_params = None
-  if config.loss.name == 'cd':
-    teacher_params = get_teacher().params
-  objective = losses.make_loss(config, image_shape, denoiser,
-                               teacher=get_teacher().denoiser if config.loss.name == 'cd' else None)
+  distilling = config.loss.name == 'cd'
+  teacher_params = teacher.params if distilling else None
+  objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
   tx = ts.make_optimizer(config)
   abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -136,7 +131,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # ----------------------------------------------------------------------------------------------
   # Restore, or start fresh.
   # ----------------------------------------------------------------------------------------------
-  manager = checkpointing.make_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                     abstract_state, state_sharding)
@@ -147,13 +141,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       raise
     logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
                  checkpointing.checkpoint_dir(workdir))
-  elif config.loss.name in ('cd', 'ect') and config.teacher.init_student:
-    init_params = get_teacher().params
+  elif teacher is not None and config.teacher.init_student:
+    init_params = teacher.params
     if jax.tree.structure(init_params) != jax.tree.structure(abstract_state.params) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(abstract_state.params))):
       raise ValueError(f'The teacher parameters in {config.teacher.workdir} do not fit config.model; give the '
                        'student the same model config as the teacher, or set teacher.init_student = False.')
     state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)(init_params)
+    del init_params
+    if not distilling:
+      teacher = None  # ECT needs the teacher only for its first weights: free its memory.
     logging.info('No checkpoint in %s: starting from step 0 with the teacher\'s weights.',
                  checkpointing.checkpoint_dir(workdir))
   else:

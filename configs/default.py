@@ -115,7 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.decay = 'constant'        # After warm-up: 'constant' | 'cosine' (to 0 at optim.decay_steps).
   optim.decay_steps = ml_collections.config_dict.placeholder(int)  # End of the cosine; None: training.num_steps
                                   # (pin it before raising num_steps to extend a run, or the lr jumps back up).
-  optim.grad_clip = 0.0           # Global-norm gradient clipping; 0 disables.
+  optim.grad_clip = 0.0           # Global-norm gradient clipping; 0 disables. (Losses average over pixels, so
+                                  # gradients are H*W*C times smaller than with the pixel sums of EDM's code.)
 
   # ---------------------------------------------------------------------------------------------
   # training: the loop.
@@ -138,7 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------------------------------------
   sampling = config.sampling = ml_collections.ConfigDict()
   sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default).
-  sampling.clip = True            # Clip each denoised x0 to [-1, 1] between steps (as the official code).
+  sampling.clip = True            # Consistency sampling: clip each denoised x0 to [-1, 1] between steps (as the
+                                  # official code). EDM sampling: clip only the final image.
   # Models trained with loss.name = 'edm' are sampled with the EDM ODE sampler instead:
   sampling.diffusion_solver = 'heun'  # 'heun' (EDM Algorithm 1, 2 steps - 1 network calls) | 'euler'.
   sampling.diffusion_steps = 18   # Karras-grid steps (EDM: 18, i.e. 35 network calls with Heun).

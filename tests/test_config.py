@@ -40,8 +40,27 @@ def test_every_config_file_validates(path):
 def test_tiny_test_config_has_a_variant_per_loss(loss_name):
   config = load(os.path.join(REPO_ROOT, 'configs', 'test.py'), loss_name)
   assert config.loss.name == loss_name
-  config.teacher.workdir = '/path/to/teacher'
+  if loss_name in ('cd', 'ect'):
+    config.teacher.workdir = '/path/to/teacher'
   config_validation.validate(config)
+
+
+@pytest.mark.parametrize('loss_name', ['ct', 'edm'])
+def test_a_teacher_for_a_loss_without_one_is_refused(loss_name):
+  """E.g. --config.teacher.workdir added to a CT config would otherwise train plain CT without a word."""
+  config = load(os.path.join(REPO_ROOT, 'configs', 'test.py'), loss_name)
+  config.teacher.workdir = '/path/to/teacher'
+  with pytest.raises(ValueError, match=r'config\.teacher\.workdir: is set, but loss.name'):
+    config_validation.validate(config)
+
+
+@pytest.mark.parametrize('loss_name', ['edm', 'ect'])
+def test_a_target_ema_for_a_loss_without_a_target_is_refused(loss_name):
+  config = load(os.path.join(REPO_ROOT, 'configs', 'test.py'), loss_name)
+  config.teacher.workdir = '/path/to/teacher' if loss_name == 'ect' else None
+  config.loss.target = 'ema'
+  with pytest.raises(ValueError, match=r'config\.loss\.target'):
+    config_validation.validate(config)
 
 
 def test_ect_must_start_from_the_teacher():
@@ -118,9 +137,10 @@ def test_ect_stages_past_float32_resolution_are_refused():
   """At stage s the gap t - r is t q^-(s+1)(...); past 2^-14 it is quantised in float32, at 2^-24 zero."""
   config = load(os.path.join(REPO_ROOT, 'configs', 'fashion_mnist_ect.py'))
   config.teacher.workdir = '/path/to/teacher'
-  config.training.num_steps = 500 * 14  # Last stage 13: q^14 = 2^14, the limit.
+  per_stage = config.loss.ect_stage_steps
+  config.training.num_steps = per_stage * 14  # Last stage 13: q^14 = 2^14, the limit.
   config_validation.validate(config)
-  config.training.num_steps = 500 * 14 + 1  # Reaches stage 14.
+  config.training.num_steps = per_stage * 14 + 1  # Reaches stage 14.
   with pytest.raises(ValueError, match=r'config\.loss\.ect_stage_steps: .* reach stage 14'):
     config_validation.validate(config)
 

@@ -186,3 +186,17 @@ def test_sample_cli_heun_on_the_teacher(teacher_dir, tmp_path):
   bad = subprocess.run(cmd[:-1] + [f'--out={out}', '--sampler=consistency'], capture_output=True, text=True,
                        env=env, timeout=600)
   assert bad.returncode != 0 and "sample it with 'heun' or 'euler'" in bad.stderr
+
+
+def test_cd_resume_refuses_a_teacher_that_changed(teacher_dir, tmp_path):
+  """The teacher trained on after the student started: resuming against its new latest step is refused."""
+  own_teacher = tmp_path / 'teacher'
+  shutil.copytree(teacher_dir, own_teacher)
+  cd_dir = tmp_path / 'cd'
+  run(tiny('cd', str(own_teacher), **{'training.num_steps': 2}), cd_dir)
+  run(tiny('edm', **{'training.num_steps': 6}), own_teacher)  # The teacher goes on to step 6.
+  with pytest.raises(ValueError, match=r'started with the teacher at step 4 .* now gives step 6 .*'
+                                       r'--config.teacher.step=4'):
+    run(tiny('cd', str(own_teacher)), cd_dir)
+  state = run(tiny('cd', str(own_teacher), **{'teacher.step': 4}), cd_dir)  # Pinned: resumes.
+  assert int(state.step) == 4

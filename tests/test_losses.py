@@ -447,7 +447,7 @@ def run_cd(settings, x0, rng, solver='heun', params=PARAMS, target_params=None, 
 
   loss, metrics = losses.consistency_distillation_loss(
       params, target_params, x0, jnp.int32(step), rng, teacher_params, denoiser=rec_student,
-      teacher=rec_teacher, solver=solver, settings=settings)
+      teacher=rec_teacher, ode_step_fn=sampling.ODE_SOLVERS[solver], settings=settings)
   return float(loss), metrics, student_calls, teacher_calls
 
 
@@ -531,7 +531,7 @@ def test_cd_gradient_only_into_student():
   def loss_fn(p, tp, teacher_p):
     return losses.consistency_distillation_loss(p, tp, x0, jnp.int32(0), rng, teacher_p,
                                                 denoiser=_linear_denoiser, teacher=gaussian_teacher,
-                                                solver='heun', settings=settings)[0]
+                                                ode_step_fn=sampling.heun_step, settings=settings)[0]
 
   grad, target_grad, teacher_grad = jax.grad(loss_fn, argnums=(0, 1, 2))(params, target_params, TEACHER_PARAMS)
   assert float(target_grad['w']) == 0.0
