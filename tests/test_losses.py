@@ -752,6 +752,20 @@ def test_make_loss_cd_needs_teacher_and_valid_solver():
     losses.make_loss(config, IMAGE_SHAPE, tanh_denoiser, teacher=gaussian_teacher)
 
 
+@pytest.mark.parametrize('solver,calls', [('heun', 2), ('euler', 1)])
+def test_make_loss_passes_teacher_solver_to_the_cd_loss(solver, calls):
+  """config.teacher.solver reaches the loss: the teacher is called twice per step (Heun) or once (Euler)."""
+  teacher_calls = []
+
+  def counting_teacher(tp, x, sigma):
+    teacher_calls.append(sigma)
+    return gaussian_teacher(tp, x, sigma)
+
+  loss = losses.make_loss(cd_config(18, solver), IMAGE_SHAPE, tanh_denoiser, teacher=counting_teacher)
+  loss.loss_fn(PARAMS, None, make_x0(4), jnp.int32(0), jax.random.PRNGKey(0), TEACHER_PARAMS)
+  assert len(teacher_calls) == calls
+
+
 def test_make_loss_bad_name():
   with pytest.raises(ValueError, match='loss.name'):
     losses.make_loss(make_config(name='diffusion'), IMAGE_SHAPE, tanh_denoiser)
