@@ -59,9 +59,9 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
   """Resolves (and checks) a sampler for the model `config` describes; None picks the config's defaults."""
   if is_diffusion_model(config):
     sampler = config.sampling.diffusion_solver if sampler is None else sampler
-    if sampler not in ('heun', 'euler'):
+    if sampler not in sampling.ODE_SOLVERS:
       raise ValueError(f"sampler {sampler!r}: this run is an EDM diffusion model (loss.name = 'edm'); sample it "
-                       "with 'heun' or 'euler'.")
+                       f"with {' or '.join(repr(name) for name in sampling.ODE_SOLVERS)}.")
     if ts_ is not None:
       raise ValueError('Intermediate times (--ts) are for consistency sampling; the EDM sampler uses the '
                        'Karras grid of --steps points.')

@@ -110,7 +110,7 @@ def heun_step(denoise_fn: DenoiseFn, x_BHWC: jax.Array, t_B: jax.Array, s_B: jax
 
 
 # Config strings (teacher.solver, sampling.diffusion_solver) are resolved here, outside traced code.
-ODE_SOLVERS = {'euler': euler_step, 'heun': heun_step}
+ODE_SOLVERS = {'heun': heun_step, 'euler': euler_step}
 
 
 def ode_solver(name: str):
