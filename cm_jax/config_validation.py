@@ -21,6 +21,8 @@ CHOICES = {
     'sampling.diffusion_solver': ('heun', 'euler'),
     'optim.name': ('adam', 'radam'),
     'optim.decay': ('constant', 'cosine'),
+    'evaluation.feature_net': ('auto', 'classifier', 'inception'),
+    'evaluation.reference_split': ('train', 'test'),
 }
 
 
@@ -115,6 +117,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config.data.pad_to >= input_pipeline.SUPPORTED[config.data.name].image_shape[0], 'data.pad_to',
              'must be 0 or at least the image size.')
   _require(config.optim.lr > 0, 'optim.lr', 'must be > 0.')
+  ev = config.evaluation
+  _require(ev.every >= 0, 'evaluation.every', f'must be >= 0 (0: no in-training evaluation), got {ev.every}.')
+  if ev.every:
+    _require(ev.num_samples >= 2, 'evaluation.num_samples', f'must be >= 2, got {ev.num_samples}.')
+  for field in ('batch_size', 'pr_k', 'classifier_steps', 'classifier_batch_size'):
+    _require(ev[field] >= 1, f'evaluation.{field}', f'must be >= 1, got {ev[field]}.')
+  _require(ev.num_reference >= 0, 'evaluation.num_reference', 'must be >= 0 (0: the whole split).')
+  _require(ev.classifier_lr > 0, 'evaluation.classifier_lr', 'must be > 0.')
+  if ev.feature_net == 'classifier':
+    _require(config.data.name in ('mnist', 'fashion_mnist'), 'evaluation.feature_net',
+             f"'classifier' is trained for the MNIST family, not {config.data.name!r}; use 'inception'.")
   _require(config.optim.warmup_steps >= 0 and config.optim.grad_clip >= 0, 'optim.warmup_steps',
            'warmup_steps and grad_clip must be >= 0.')
 

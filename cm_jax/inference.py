@@ -122,6 +122,7 @@ class LoadedModel:
   params: Any
   step: int
   which_params: str  # 'ema_0.999' or 'online'.
+  workdir: str = ''
 
   @functools.cached_property
   def denoiser(self) -> Denoiser:
@@ -129,10 +130,7 @@ class LoadedModel:
 
   @functools.cached_property
   def _sample_fn(self):
-    @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
-    def run(params, keys, sampler, shape):
-      return sample_from_keys(self.denoiser, params, keys, shape, sampler, self.config)
-    return run
+    return make_sample_fn(self.denoiser, self.config)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -150,22 +148,37 @@ class LoadedModel:
     model), else 'consistency' | 'heun' | 'euler'. steps: None for 1 (consistency) or
     config.sampling.diffusion_steps (EDM). ts: intermediate times of consistency sampling.
     """
-    if num < 1 or batch_size < 1:
-      raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
     spec = make_sampler(self.config, sampler, steps, ts)
-    batch_size = min(batch_size, num)
-    seed_key = jax.random.PRNGKey(seed)
-    out = []
-    for start in range(0, num, batch_size):
-      keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
-      x = self._sample_fn(self.params, keys, spec, (batch_size,) + self.image_shape)
-      out.append(np.asarray(jax.device_get(x))[:num - start])
-    return np.concatenate(out)[:num]
+    return sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape)
 
   def sample(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None, seed: int = 0,
              batch_size: int = 256, sampler: Optional[str] = None) -> np.ndarray:
     """num samples as uint8 (num, H, W, C), the layout of the OpenAI evaluation suite's npz files."""
     return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler))
+
+
+def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict):
+  """jit(sample_from_keys) as fn(params, keys, sampler, shape_BHWC), sampler and shape static."""
+  @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
+  def run(params, keys, sampler, shape):
+    return sample_from_keys(denoiser, params, keys, shape, sampler, config)
+  return run
+
+
+def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int, batch_size: int,
+                      image_shape: tuple[int, ...]) -> np.ndarray:
+  """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape)` (a jitted
+  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i), whatever the batch size."""
+  if num < 1 or batch_size < 1:
+    raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
+  batch_size = min(batch_size, num)
+  seed_key = jax.random.PRNGKey(seed)
+  out = []
+  for start in range(0, num, batch_size):
+    keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
+    x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape))
+    out.append(np.asarray(jax.device_get(x))[:num - start])
+  return np.concatenate(out)[:num]
 
 
 def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] = None) -> LoadedModel:
@@ -201,4 +214,4 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
       raise ValueError(f'ema={ema!r}: this run keeps EMAs {rates} (config.training.ema_rates); '
                        "pick one of them or 'online'.")
     params, which = state['ema_params'][rates.index(rate)], f'ema_{rate}'
-  return LoadedModel(config=config, params=params, step=int(step), which_params=which)
+  return LoadedModel(config=config, params=params, step=int(step), which_params=which, workdir=workdir)

@@ -22,6 +22,8 @@ STANDARD_LOCAL_ROOT = '/usr/share/datasets'
 
 _IDX_FILES = {'train': 'train-images-idx3-ubyte',
               'test': 't10k-images-idx3-ubyte'}
+_IDX_LABEL_FILES = {'train': 'train-labels-idx1-ubyte',
+                    'test': 't10k-labels-idx1-ubyte'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +98,12 @@ def _find_idx(directory: str, base: str) -> str | None:
   return None
 
 
-def _local_images(spec: DatasetSpec, directory: str, split: str) -> np.ndarray:
-  """Reads the images of `split` from the IDX files in `directory`."""
+def _local_images(spec: DatasetSpec, directory: str, split: str,
+                  with_labels: bool = False):
+  """Reads the images of `split` (and its labels) from the IDX files in `directory`.
+
+  Returns images, or (images, labels) with labels int32 (N,) when with_labels.
+  """
   if split not in spec.idx_files:
     raise ValueError(f'Local IDX files exist for splits '
                      f'{sorted(spec.idx_files)}, not {split!r}.')
@@ -111,7 +117,16 @@ def _local_images(spec: DatasetSpec, directory: str, split: str) -> np.ndarray:
                      f'{images.dtype} {images.shape}')
   logging.info('Read %d %s images from local IDX file %s.', len(images),
                split, path)
-  return images[..., None]
+  if not with_labels:
+    return images[..., None]
+  label_path = _find_idx(directory, _IDX_LABEL_FILES[split])
+  if label_path is None:
+    raise FileNotFoundError(f'no {_IDX_LABEL_FILES[split]}[.gz] in {directory}')
+  labels = read_idx(label_path)
+  if labels.shape != (len(images),):
+    raise ValueError(f'{label_path}: expected {len(images)} labels, got an '
+                     f'array of shape {labels.shape}')
+  return images[..., None], labels.astype(np.int32)
 
 
 def _standard_dir(spec: DatasetSpec) -> str | None:
@@ -144,24 +159,32 @@ def _tfds_download(builder: Any) -> None:
   builder.download_and_prepare()
 
 
-def _tfds_images(builder: Any, split: str, chunk: int = 10_000) -> np.ndarray:
-  """Reads a prepared TFDS split fully into memory.
+def _tfds_images(builder: Any, split: str, with_labels: bool = False,
+                 chunk: int = 10_000):
+  """Reads a prepared TFDS split fully into memory: images, or (images, labels).
 
   Reads in chunks rather than `batch_size=-1`: with unknown split sizes (as
   under `tfds.testing.mock_data`) TFDS batches by sys.maxsize, which aborts
   the process in recent TensorFlow.
   """
   ds = builder.as_dataset(split=split, batch_size=chunk, shuffle_files=False)
-  parts = [np.asarray(ex['image'], np.uint8) for ex in _tfds().as_numpy(ds)]
+  parts, label_parts = [], []
+  for ex in _tfds().as_numpy(ds):
+    parts.append(np.asarray(ex['image'], np.uint8))
+    if with_labels:
+      label_parts.append(np.asarray(ex['label'], np.int32))
   images = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
   logging.info('Read %d %s images of %s from TFDS (%s).', len(images), split,
                builder.name, builder.data_dir)
-  return images
+  if not with_labels:
+    return images
+  return images, (np.concatenate(label_parts) if label_parts
+                  else np.zeros((0,), np.int32))
 
 
 # ---------------------------------------------------------------- Resolution.
-def _resolve(spec: DatasetSpec, name: str, data_config: Any,
-             split: str) -> np.ndarray:
+def _resolve(spec: DatasetSpec, name: str, data_config: Any, split: str,
+             with_labels: bool = False):
   """Loads the split from the source named by data.source."""
   source = data_config.get('source', 'auto')
   manual_dir = data_config.get('manual_dir', None)
@@ -185,7 +208,7 @@ def _resolve(spec: DatasetSpec, name: str, data_config: Any,
     logging.info('Dataset %s: using local IDX files in %s (data.source=%s).',
                  name, directory, source)
     try:
-      return _local_images(spec, directory, split)
+      return _local_images(spec, directory, split, with_labels)
     except FileNotFoundError as e:
       tried.append(f'local IDX: {e}')
       raise unavailable() from e
@@ -199,7 +222,7 @@ def _resolve(spec: DatasetSpec, name: str, data_config: Any,
   if prepared:
     logging.info('Dataset %s: using prepared TFDS data in %s.', name,
                  builder.data_dir)
-    return _tfds_images(builder, split)
+    return _tfds_images(builder, split, with_labels)
   tried.append(f'TFDS prepared data: {why}')
   if source == 'auto':
     logging.info('Dataset %s: no prepared TFDS data (%s); trying the standard '
@@ -207,7 +230,7 @@ def _resolve(spec: DatasetSpec, name: str, data_config: Any,
     directory = _standard_dir(spec)
     if directory is not None:
       logging.info('Dataset %s: using local IDX files in %s.', name, directory)
-      return _local_images(spec, directory, split)
+      return _local_images(spec, directory, split, with_labels)
     tried.append('local IDX: no IDX image files in ' + ', '.join(
         os.path.join(STANDARD_LOCAL_ROOT, d) for d in spec.local_dirs))
   if builder is None:
@@ -219,7 +242,7 @@ def _resolve(spec: DatasetSpec, name: str, data_config: Any,
   except Exception as e:  # pylint: disable=broad-except
     tried.append(f'TFDS download: {type(e).__name__}: {str(e)[:200]}')
     raise unavailable() from e
-  return _tfds_images(builder, split)
+  return _tfds_images(builder, split, with_labels)
 
 
 def load_images(data_config: Any, split: str) -> np.ndarray:
@@ -231,12 +254,26 @@ def load_images(data_config: Any, split: str) -> np.ndarray:
   local directory, else a TFDS download, and raises DataUnavailableError
   listing every attempt if all fail. Each step is logged.
   """
+  return _load(data_config, split, with_labels=False)
+
+
+def load_labeled_images(data_config: Any,
+                        split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of a split: images as `load_images`, labels int32 (N,).
+
+  Local IDX sources need the *-labels-idx1-ubyte[.gz] file next to the images.
+  """
+  return _load(data_config, split, with_labels=True)
+
+
+def _load(data_config: Any, split: str, with_labels: bool):
   name = data_config.get('name')
   if name not in SUPPORTED:
     raise ValueError(f'Unknown dataset data.name={name!r}; supported: '
                      f'{sorted(SUPPORTED)}.')
   spec = SUPPORTED[name]
-  images = _resolve(spec, name, data_config, split)
+  loaded = _resolve(spec, name, data_config, split, with_labels)
+  images, labels = loaded if with_labels else (loaded, None)
   if images.ndim != 4 or images.shape[1:] != spec.image_shape:
     raise ValueError(f'{name} ({split}): expected images of shape '
                      f'(N, {", ".join(map(str, spec.image_shape))}), got '
@@ -252,7 +289,7 @@ def load_images(data_config: Any, split: str) -> np.ndarray:
                              (pw // 2, pw - pw // 2), (0, 0)))
   logging.info('Dataset %s (%s): %d images of shape %s.', name, split,
                len(images), images.shape[1:])
-  return images
+  return (images, labels) if with_labels else images
 
 
 # ------------------------------------------------------------------ Batching.

@@ -26,6 +26,7 @@ import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import config_validation
+from cm_jax import evaluate as evaluate_lib
 from cm_jax import images
 from cm_jax import inference
 from cm_jax import input_pipeline
@@ -176,6 +177,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       logging.info('Wrote samples (%s) to %s', ' | '.join(s.describe() for s in grid_samplers), path)
     writer.write_images(step, {'samples': grid[None]})
 
+  # In-training evaluation (evaluation.every > 0): the same seed at every evaluation, so scores are comparable.
+  ev = config.evaluation
+  evaluator = evaluate_lib.make_evaluator(config) if ev.every else None
+  p_sample = inference.make_sample_fn(denoiser, config)
+
+  def write_scores(step: int, state: ts.TrainState) -> None:
+    params = state.ema_params[0] if state.ema_params else state.params
+    scores = {}
+    for spec in grid_samplers:
+      t0 = time.time()
+      samples = input_pipeline.to_uint8(inference.sample_in_batches(
+          p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape))
+      for key, value in evaluator.score(samples).items():
+        scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
+      logging.info('Evaluated %s on %d samples in %.0f s.', spec.describe(), ev.num_samples, time.time() - t0)
+    writer.write_scalars(step, scores)
+
   # ----------------------------------------------------------------------------------------------
   # Loop. The next step is dispatched before the previous step's metrics are read.
   # ----------------------------------------------------------------------------------------------
@@ -208,6 +226,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         checkpointing.save(manager, state, config, data_fingerprint)
       if done % tc.eval_every == 0 or done == tc.num_steps:
         write_samples(done, state)
+      if ev.every and (done % ev.every == 0 or done == tc.num_steps):
+        write_scores(done, state)
     if start_step < tc.num_steps:
       logging.info('Trained steps %d..%d in %.1f s.', start_step, tc.num_steps, time.time() - t0)
   finally:

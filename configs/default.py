@@ -144,4 +144,29 @@ def get_config() -> ml_collections.ConfigDict:
   # Models trained with loss.name = 'edm' are sampled with the EDM ODE sampler instead:
   sampling.diffusion_solver = 'heun'  # 'heun' (EDM Algorithm 1, 2 steps - 1 network calls) | 'euler'.
   sampling.diffusion_steps = 18   # Karras-grid steps (EDM: 18, i.e. 35 network calls with Heun).
+
+  # ---------------------------------------------------------------------------------------------
+  # evaluation: sample-quality metrics (cm_jax/evaluate.py; in training every `every` steps).
+  # ---------------------------------------------------------------------------------------------
+  evaluation = config.evaluation = ml_collections.ConfigDict()
+  evaluation.every = 0            # Steps between in-training evaluations (0: none). Each samples num_samples
+                                  # images per grid sampler (one and two steps; Heun and Euler for EDM) and
+                                  # writes eval/<sampler>/<metric> scalars (TensorBoard and console).
+  evaluation.num_samples = 1000   # Samples per in-training evaluation (the evaluate CLI takes --num).
+  evaluation.seed = 12345         # Sampling seed of in-training evaluations: the same noise at every step.
+  # Feature network: 'auto' ('classifier' for the MNIST family) | 'classifier' (a small CNN cm_jax trains on
+  # the train split, cached; scores NOT comparable to Inception FIDs) | 'inception' (the 2015-12-05 Inception
+  # graph of published FIDs; needs inception_path or a download).
+  evaluation.feature_net = 'auto'
+  evaluation.inception_path = ml_collections.config_dict.placeholder(str)  # classify_image_graph_def.pb or
+                                  # inception-2015-12-05.tgz; None: CACHE_DIR/inception/, else download.
+  evaluation.cache_dir = ml_collections.config_dict.placeholder(str)  # None: $CM_JAX_CACHE or ~/.cache/cm_jax.
+  evaluation.reference_split = 'test'  # Split whose features are the reference statistics (cached).
+  evaluation.num_reference = 0    # Reference images (the first of the split); 0: the whole split.
+  evaluation.batch_size = 500     # Images per feature-network call.
+  evaluation.pr_k = 3             # k of the k-NN balls of improved precision/recall (ADM evaluator: 3).
+  evaluation.classifier_steps = 2000       # Training of the 'classifier' feature network (Adam, cosine lr).
+  evaluation.classifier_batch_size = 128
+  evaluation.classifier_lr = 1e-3
+  evaluation.classifier_seed = 0
   return config

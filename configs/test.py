@@ -35,4 +35,8 @@ def get_config(loss_name: str = 'ct'):
   config.training.num_eval_samples = 4
   config.training.ema_rates = (0.9, 0.99)
   config.training.disable_most_optimizations = True
+  config.evaluation.classifier_steps = 10
+  config.evaluation.classifier_batch_size = 16
+  config.evaluation.num_samples = 8
+  config.evaluation.batch_size = 16
   return config

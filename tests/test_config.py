@@ -87,6 +87,12 @@ def test_ect_must_start_from_the_teacher():
     ('loss.ect_q', 1.0, 'loss.ect_q'),
     ('loss.ect_stage_steps', 0, 'loss.ect_stage_steps'),
     ('loss.edm_p_std', 0.0, 'loss.edm_p_std'),
+    ('evaluation.feature_net', 'clip', 'evaluation.feature_net'),
+    ('evaluation.reference_split', 'validation', 'evaluation.reference_split'),
+    ('evaluation.every', -1, 'evaluation.every'),
+    ('evaluation.pr_k', 0, 'evaluation.pr_k'),
+    ('evaluation.classifier_steps', 0, 'evaluation.classifier_steps'),
+    ('evaluation.num_reference', -5, 'evaluation.num_reference'),
 ])
 def test_validation_names_the_field(field, value, message):
   config = default.get_config()

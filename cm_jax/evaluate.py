@@ -1,0 +1,322 @@
+r"""Sample quality: python -m cm_jax.evaluate --workdir=DIR --num=10000 --steps=1,2
+
+Prints ONE JSON object on stdout (logs go to stderr): for each sampler, the Frechet distance to the reference
+features, the Inception Score of the feature network's softmax, improved precision and recall (k-NN, k =
+evaluation.pr_k), and the protocol (sample count, seed, reference split and size, feature network, resize).
+
+Feature networks (config.evaluation.feature_net, or --feature_net):
+  * 'inception': the 2015-12-05 Inception graph of published FIDs (cm_jax/inception.py); keys 'fid' and
+    'inception_score'. Published CIFAR-10 FIDs use 50,000 samples against the 50,000 train images.
+  * 'classifier' (the default for the MNIST family): a small CNN cm_jax trains once on the train split and
+    caches (cm_jax/classifier.py); keys 'classifier_fd' and 'classifier_score'. NOT comparable to Inception FIDs.
+Reference features are computed once per (dataset, split, size, feature network) and cached under
+CACHE_DIR/reference/.
+
+--search_two_step: ternary search of the intermediate time of two-step sampling over the interior of a
+--search_points Karras grid (as the official CM code: CIFAR-10 CD picks index 11 of 18, sigma = 0.585),
+minimising the Frechet distance with the same noise at every candidate; reports the chosen time.
+--memorization: pixel distance of samples to their nearest training image, against the same for held-out
+images (cm_jax.metrics.memorization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cm_jax import classifier as classifier_lib
+from cm_jax import inference
+from cm_jax import input_pipeline
+from cm_jax import karras
+from cm_jax import metrics
+
+MNIST_FAMILY = ('mnist', 'fashion_mnist')
+FEATURE_NETS = ('auto', 'classifier', 'inception')
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNet:
+  """A feature network: images uint8 (N, H, W, C) -> (features (N, D), class probabilities (N, K))."""
+  kind: str  # 'classifier' | 'inception'
+  fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  cache_id: str  # Changes whenever the features would.
+  protocol: dict
+
+  @property
+  def fd_key(self) -> str:
+    return 'fid' if self.kind == 'inception' else 'classifier_fd'
+
+  @property
+  def score_key(self) -> str:
+    return 'inception_score' if self.kind == 'inception' else 'classifier_score'
+
+
+def feature_net_kind(config: ml_collections.ConfigDict) -> str:
+  kind = config.evaluation.feature_net
+  if kind not in FEATURE_NETS:
+    raise ValueError(f'evaluation.feature_net = {kind!r}; choose one of {FEATURE_NETS}.')
+  if kind == 'auto':
+    return 'classifier' if config.data.name in MNIST_FAMILY else 'inception'
+  return kind
+
+
+def make_feature_net(config: ml_collections.ConfigDict) -> FeatureNet:
+  """The feature network config.evaluation names: trains/loads the classifier or loads the Inception graph."""
+  ev = config.evaluation
+  kind = feature_net_kind(config)
+  if kind == 'classifier':
+    if config.data.name not in MNIST_FAMILY:
+      raise ValueError(f"evaluation.feature_net = 'classifier' is for {MNIST_FAMILY}, not {config.data.name!r}; "
+                       "use 'inception'.")
+    net = classifier_lib.load_or_train(config)
+    return FeatureNet('classifier', lambda x: net(x, ev.batch_size), net.cache_id, net.protocol())
+  from cm_jax import inception  # pylint: disable=g-import-not-at-top  (TensorFlow only when needed)
+  path = inception.resolve_weights(ev.inception_path, classifier_lib.cache_dir(config))
+  net = inception.InceptionNet(path)
+  protocol = dict(net.protocol(), comparable_to_published_fid=True,
+                  note='Published FIDs use 50,000 samples and a fixed reference set (CIFAR-10: the 50,000 '
+                       'train images); other sample counts or splits shift the numbers.')
+  return FeatureNet('inception', lambda x: net(x, min(ev.batch_size, 100)), protocol['graph_sha256'][:16],
+                    protocol)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """Features of the reference images and their statistics."""
+  features: np.ndarray
+  stats: metrics.FeatureStats
+  info: dict  # dataset, split, num, pad_to, cache file.
+
+
+def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Reference:
+  """Reference features of evaluation.reference_split (the first evaluation.num_reference images), cached."""
+  ev = config.evaluation
+  images = input_pipeline.load_images(config.data, ev.reference_split)
+  if ev.num_reference:
+    if ev.num_reference > len(images):
+      raise ValueError(f'evaluation.num_reference = {ev.num_reference} exceeds the {len(images)} images of '
+                       f'the {ev.reference_split!r} split.')
+    images = images[:ev.num_reference]
+  digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+  path = os.path.join(classifier_lib.cache_dir(config), 'reference',
+                      f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}.npz')
+  info = {'dataset': config.data.name, 'split': ev.reference_split, 'num': int(len(images)),
+          'pad_to': int(config.data.pad_to or 0), 'cache_file': path}
+  if os.path.exists(path):
+    with np.load(path) as f:
+      features = f['features']
+    logging.info('Loaded cached reference features %s.', path)
+  else:
+    logging.info('Computing reference features of %d %s images (cached afterwards in %s).', len(images),
+                 ev.reference_split, path)
+    features, _ = net.fn(images)
+    features = features.astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f'.tmp{os.getpid()}.npz'
+    np.savez(tmp, features=features)
+    os.replace(tmp, path)
+  return Reference(features, metrics.FeatureStats.from_features(features), info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """Scores uint8 images against a reference set in a feature network's space."""
+  net: FeatureNet
+  reference: Reference
+  pr_k: int
+
+  @property
+  def fd_key(self) -> str:
+    return self.net.fd_key
+
+  def score(self, images_BHWC: np.ndarray) -> dict:
+    """{fd_key, score_key, score_key + '_std', 'precision', 'recall'} of the images."""
+    if len(images_BHWC) < 2:
+      raise ValueError(f'Scoring needs at least 2 images, got {len(images_BHWC)}.')
+    features, probs = self.net.fn(images_BHWC)
+    stats = metrics.FeatureStats.from_features(features)
+    ref = self.reference.stats
+    out = {self.net.fd_key: metrics.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)}
+    out[self.net.score_key], out[self.net.score_key + '_std'] = metrics.inception_score(
+        probs, splits=min(10, len(images_BHWC)))
+    k = min(self.pr_k, len(images_BHWC) - 1, len(self.reference.features) - 1)
+    out.update(metrics.precision_recall(self.reference.features, features, k=k))
+    return out
+
+  def protocol(self, num_samples: int) -> dict:
+    return {'num_samples': int(num_samples), 'reference': self.reference.info, 'feature_net': self.net.protocol,
+            'precision_recall_k': self.pr_k,
+            'resize': self.net.protocol.get('input', 'none: images at the model resolution')}
+
+
+def make_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
+  net = make_feature_net(config)
+  return Evaluator(net, load_reference(config, net), int(config.evaluation.pr_k))
+
+
+def sampler_key(spec: inference.Sampler) -> str:
+  """A short name for metric tags: '1step', '2step', 'heun18'."""
+  return f'{spec.steps}step' if spec.name == 'consistency' else f'{spec.name}{spec.steps}'
+
+
+def ternary_search(metric_at: Callable[[int], float], lo: int, hi: int) -> int:
+  """Integer argmin of a unimodal metric on [lo, hi]: thirds until < 4 candidates remain, then all of them.
+
+  metric_at is called once per index at most if it memoises (see `search_two_step_time`).
+  """
+  if lo > hi:
+    raise ValueError(f'Empty search range [{lo}, {hi}].')
+  while hi - lo >= 3:
+    m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+    if metric_at(m1) < metric_at(m2):
+      hi = m2 - 1  # The minimum of a unimodal function is left of m2.
+    else:
+      lo = m1 + 1
+  return min(range(lo, hi + 1), key=metric_at)
+
+
+def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
+                         config: ml_collections.ConfigDict, points: int) -> dict:
+  """Ternary search of two-step sampling's intermediate time over the interior of a `points` Karras grid."""
+  cc = config.consistency
+  if points < 3:
+    raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
+  grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
+  evaluated: dict[int, dict] = {}
+
+  def metric_at(index: int) -> float:
+    if index not in evaluated:
+      t = float(grid[index])
+      evaluated[index] = dict(index=index, t=t, **score_at_time(t))
+      logging.info('Two-step search: grid index %d (t = %.4f): %s = %.4f', index, t, fd_key,
+                   evaluated[index][fd_key])
+    return evaluated[index][fd_key]
+
+  best = ternary_search(metric_at, 1, points - 2)
+  return {'grid_points': points, 'grid': 'Karras, descending (index 0 = sigma_max)', 'metric': fd_key,
+          'best_index': best, 'best_t': evaluated[best]['t'], 'best': evaluated[best],
+          'evaluated': [evaluated[i] for i in sorted(evaluated)]}
+
+
+def memorization_check(config: ml_collections.ConfigDict, samples_BHWC: np.ndarray, num_heldout: int) -> dict:
+  """Nearest-train-image pixel distances of samples vs held-out (test) images ([0, 1] pixels, L2)."""
+  train = input_pipeline.load_images(config.data, 'train')
+  heldout = input_pipeline.load_images(config.data, 'test')[:num_heldout]
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
+  report = metrics.memorization(flat(samples_BHWC), flat(train), flat(heldout))
+  return dict(report, space='pixels in [0, 1], Euclidean', num_samples=int(len(samples_BHWC)),
+              num_train=int(len(train)), num_heldout=int(len(heldout)))
+
+
+def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Sequence[inference.Sampler],
+             num: int, seed: int = 0, batch_size: int = 256, search_points: int = 0, search_num: int = 0,
+             memorization_num: int = 0) -> dict:
+  """The evaluate CLI's JSON object for a loaded model (see the module docstring)."""
+  results, first_samples = [], None
+  for spec in samplers:
+    t0 = time.time()
+    samples = model.sample(num, steps=spec.steps, ts=spec.times or None, seed=seed, batch_size=batch_size,
+                           sampler=spec.name)
+    t1 = time.time()
+    scores = evaluator.score(samples)
+    logging.info('%s: %s (%.0f s sampling, %.0f s scoring)', spec.describe(),
+                 ', '.join(f'{k} {v:.4f}' for k, v in scores.items()), t1 - t0, time.time() - t1)
+    results.append(dict(sampler=spec.name, steps=spec.steps, times=list(spec.times), description=spec.describe(),
+                        sampling_seconds=round(t1 - t0, 2), **scores))
+    if first_samples is None:
+      first_samples = samples
+  out = {'workdir': os.path.abspath(model.workdir), 'checkpoint_step': model.step,
+         'params': model.which_params, 'dataset': model.config.data.name, 'seed': seed,
+         'protocol': evaluator.protocol(num), 'results': results}
+  if search_points:
+    if model.is_diffusion_model:
+      raise ValueError('--search_two_step is for consistency models; this run is an EDM diffusion model.')
+    n = search_num or num
+
+    def score_at_time(t: float) -> dict:
+      return evaluator.score(model.sample(n, steps=2, ts=(t,), seed=seed, batch_size=batch_size))
+
+    out['two_step_search'] = dict(search_two_step_time(score_at_time, evaluator.fd_key, model.config,
+                                                       search_points), num_samples=n)
+  if memorization_num:
+    out['memorization'] = memorization_check(model.config, first_samples[:memorization_num], memorization_num)
+  return out
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
+  flags.DEFINE_integer('num', 10_000, 'Samples per sampler (published FIDs: 50000).')
+  flags.DEFINE_list('steps', None, 'Sampling steps to evaluate, e.g. 1,2 (default: 1,2 for consistency models, '
+                    'config.sampling.diffusion_steps for EDM models).')
+  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler'], 'Default: the model\'s own.')
+  flags.DEFINE_list('ts', None, 'Intermediate times, for a single --steps value > 1 (default: the config\'s).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('batch_size', 256, 'Samples per device call.')
+  flags.DEFINE_string('ema', None, "Sampling EMA rate (default: the run's first), or 'online'.")
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_enum('feature_net', None, list(FEATURE_NETS), 'Default: the run\'s evaluation.feature_net.')
+  flags.DEFINE_string('inception_path', None, 'classify_image_graph_def.pb or inception-2015-12-05.tgz.')
+  flags.DEFINE_string('cache_dir', None, 'Cache of classifiers and reference features (default: '
+                      'evaluation.cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax).')
+  flags.DEFINE_string('reference_split', None, 'Reference split (default: evaluation.reference_split).')
+  flags.DEFINE_integer('num_reference', None, 'Reference images, 0 = all (default: evaluation.num_reference).')
+  flags.DEFINE_bool('search_two_step', False, 'Ternary-search the two-step intermediate time.')
+  flags.DEFINE_integer('search_points', 18, 'Karras grid of the search (official CM: 18 on CIFAR-10, 40 on '
+                       'ImageNet64).')
+  flags.DEFINE_integer('search_num', 0, 'Samples per search candidate (0: --num).')
+  flags.DEFINE_integer('memorization', 0, 'Samples (of the first sampler) and held-out images in the '
+                       'memorisation check; 0: skip.')
+  flags.DEFINE_string('output', None, 'Also write the JSON object to this file.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
+  config = model.config
+  overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
+               'cache_dir': FLAGS.cache_dir, 'reference_split': FLAGS.reference_split,
+               'num_reference': FLAGS.num_reference}
+  for key, value in overrides.items():
+    if value is not None:
+      config.evaluation[key] = value
+  try:
+    if FLAGS.steps is None:
+      step_counts = [None] if model.is_diffusion_model else [1, 2]
+    else:
+      step_counts = [int(s) for s in FLAGS.steps]
+    times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+    if times is not None and len(step_counts) != 1:
+      raise ValueError('--ts needs a single --steps value.')
+    samplers = [inference.make_sampler(config, FLAGS.sampler, s, times) for s in step_counts]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  evaluator = make_evaluator(config)
+  out = evaluate(model, evaluator, samplers, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                 search_points=FLAGS.search_points if FLAGS.search_two_step else 0, search_num=FLAGS.search_num,
+                 memorization_num=FLAGS.memorization)
+  text = json.dumps(out, indent=1)
+  if FLAGS.output:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, 'w') as f:
+      f.write(text + '\n')
+  sys.stdout.write(text + '\n')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

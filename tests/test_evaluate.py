@@ -1,0 +1,223 @@
+"""Evaluation: ternary search, the feature classifier and its cache, reference caching, scoring, in-training
+evaluation and the evaluate CLI (mock TFDS data and the real offline Fashion-MNIST files)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cm_jax import classifier
+from cm_jax import evaluate
+from cm_jax import input_pipeline
+from cm_jax import karras
+from cm_jax import train
+from configs import test as test_config
+import fake_inception
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------- Ternary search.
+@pytest.mark.parametrize('lo,hi', [(1, 16), (1, 38), (0, 2), (3, 3)])
+def test_ternary_search_finds_every_minimum(lo, hi):
+  for best in range(lo, hi + 1):
+    calls = []
+
+    def metric(i):
+      calls.append(i)
+      return (i - best) ** 2 + 0.5 * abs(i - best)
+
+    assert evaluate.ternary_search(metric, lo, hi) == best
+    if hi - lo > 30:
+      assert len(set(calls)) < (hi - lo + 1) // 2  # Far fewer evaluations than an exhaustive scan.
+
+
+def test_ternary_search_empty_range():
+  with pytest.raises(ValueError, match='Empty search range'):
+    evaluate.ternary_search(lambda i: 0.0, 5, 4)
+
+
+def test_two_step_search_reports_the_grid_time():
+  """A metric minimal at sigma = 0.585 picks index 11 of the 18-point grid, as CM's CIFAR-10 CD search."""
+  config = test_config.get_config()
+  calls = []
+
+  def score_at_time(t):
+    calls.append(t)
+    return {'classifier_fd': float(np.log(t / 0.585) ** 2)}
+
+  result = evaluate.search_two_step_time(score_at_time, 'classifier_fd', config, 18)
+  grid = np.asarray(karras.karras_grid(18, 0.002, 80.0, 7.0))[::-1]
+  assert result['best_index'] == 11 and result['best_t'] == pytest.approx(float(grid[11]), rel=1e-6)
+  assert result['best_t'] == pytest.approx(0.585, abs=0.002)
+  assert len(calls) == len(set(calls)) == len(result['evaluated'])  # Each candidate sampled once.
+  assert all(0.002 < t < 80.0 for t in calls)
+  with pytest.raises(ValueError, match='search_points'):
+    evaluate.search_two_step_time(score_at_time, 'classifier_fd', config, 2)
+
+
+# ------------------------------------------------------------------------------------ The classifier.
+def test_classifier_learns_a_separable_task():
+  """Class c lights up row block c: a working classifier gets (nearly) all test images right."""
+  rng = np.random.default_rng(0)
+
+  def make(n):
+    labels = rng.integers(0, 4, n).astype(np.int32)
+    images = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):
+      images[i, 7 * c:7 * c + 7] = 255
+    return images, labels
+
+  params, accuracy = classifier.train_classifier(*make(256), *make(64), steps=60, batch_size=32, lr=3e-3,
+                                                 seed=0, num_classes=4)
+  assert accuracy > 0.95
+  net = classifier.Classifier(params, 4, (28, 28, 1), {})
+  features, probs = net(make(5)[0], batch_size=2)  # Batches of 2 with a padded last one.
+  assert features.shape == (5, classifier.FEATURE_DIM) and probs.shape == (5, 4)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match='uint8'):
+    net(np.zeros((2, 28, 28, 1), np.float32))
+
+
+def mock_config(tmp_path, **evaluation):
+  config = test_config.get_config()
+  config.data.name = 'mnist'
+  config.data.source = 'tfds'
+  config.evaluation.cache_dir = str(tmp_path / 'cache')
+  for key, value in evaluation.items():
+    config.evaluation[key] = value
+  return config
+
+
+def test_classifier_is_trained_once_and_cached(tmp_path, monkeypatch):
+  config = mock_config(tmp_path)
+  with tfds.testing.mock_data(num_examples=40):
+    first = classifier.load_or_train(config)
+    assert 0.0 <= first.info['test_accuracy'] <= 1.0 and first.info['num_train'] == 40
+    monkeypatch.setattr(classifier, 'train_classifier', lambda *a, **k: pytest.fail('retrained a cached one'))
+    again = classifier.load_or_train(config)
+    assert again.cache_id == first.cache_id and again.info == first.info
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)))
+    assert first.protocol()['comparable_to_published_fid'] is False
+    config.evaluation.classifier_steps += 1  # Other settings: another cache entry.
+    with pytest.raises(pytest.fail.Exception, match='retrained'):
+      classifier.load_or_train(config)
+
+
+# ---------------------------------------------------------------------------------- Scoring, references.
+def pixel_net(calls=None):
+  """A stand-in feature network: 16 pixel averages as features, a softmax over 4 of them as probabilities."""
+  def fn(images):
+    if calls is not None:
+      calls.append(len(images))
+    x = images.astype(np.float64).reshape(len(images), 4, 7, 4, 7).mean(axis=(2, 4)).reshape(len(images), 16)
+    x = x / 255.0 + 1e-3 * np.arange(16)
+    p = np.exp(4 * x[:, :4])
+    return x, p / p.sum(1, keepdims=True)
+  return evaluate.FeatureNet('classifier', fn, 'pixels', {'name': 'pixel averages'})
+
+
+def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
+  config = mock_config(tmp_path, reference_split='test', num_reference=30)
+  calls = []
+  with tfds.testing.mock_data(num_examples=40):
+    ref = evaluate.load_reference(config, pixel_net(calls))
+    again = evaluate.load_reference(config, pixel_net(calls))
+    images = input_pipeline.load_images(config.data, 'test')[:30]
+  assert calls == [30]  # The second load read the cache.
+  np.testing.assert_array_equal(ref.features, again.features)
+  assert ref.info['num'] == 30 and ref.info['split'] == 'test'
+  scorer = evaluate.Evaluator(pixel_net(), ref, pr_k=3)
+  same = scorer.score(images)
+  assert abs(same['classifier_fd']) < 1e-6
+  assert same['precision'] == 1.0 and same['recall'] == 1.0
+  shifted = scorer.score(np.clip(images.astype(np.int32) + 40, 0, 255).astype(np.uint8))
+  assert shifted['classifier_fd'] > 100 * max(abs(same['classifier_fd']), 1e-9)
+  assert set(same) == {'classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall'}
+
+
+def test_inception_feature_net_from_config(tmp_path):
+  """feature_net = 'inception' loads the graph from evaluation.inception_path and reports the protocol."""
+  _, pb, _ = fake_inception.write(tmp_path)
+  config = mock_config(tmp_path, feature_net='inception', inception_path=pb)
+  net = evaluate.make_feature_net(config)
+  images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype(np.uint8)
+  features, probs = net.fn(images)
+  expected_f, expected_p = fake_inception.expected_outputs(images, fake_inception.fake_weights())
+  np.testing.assert_allclose(features, expected_f, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(probs, expected_p, rtol=1e-4, atol=1e-5)
+  assert net.fd_key == 'fid' and net.protocol['comparable_to_published_fid'] is True
+  config.evaluation.inception_path = str(tmp_path / 'missing.pb')
+  with pytest.raises(FileNotFoundError, match='missing.pb'):
+    evaluate.make_feature_net(config)
+
+
+def test_auto_feature_net_and_validation():
+  config = test_config.get_config()
+  assert evaluate.feature_net_kind(config) == 'classifier'
+  config.evaluation.feature_net = 'inceptionv3'
+  with pytest.raises(ValueError, match='evaluation.feature_net'):
+    evaluate.feature_net_kind(config)
+
+
+# --------------------------------------------------------------------- In training and from the CLI.
+def scalars(workdir):
+  out = {}
+  for name in os.listdir(workdir):
+    if name.startswith('events.out.tfevents'):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+        for value in event.summary.value:
+          if value.tag.startswith('eval/'):
+            out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+def test_in_training_evaluation_writes_scores(tmp_path):
+  config = mock_config(tmp_path, every=2, num_samples=6)
+  with tfds.testing.mock_data(num_examples=40):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  written = scalars(str(tmp_path / 'run'))
+  for sampler in ('1step', '2step'):
+    for metric in ('classifier_fd', 'classifier_score', 'precision', 'recall'):
+      tag = f'eval/{sampler}/{metric}'
+      assert sorted(written[tag]) == [2, 4], (tag, sorted(written))
+      assert all(np.isfinite(v) for v in written[tag].values())
+  assert written['eval/1step/classifier_fd'][4] > 0.0
+
+
+def run_module(module, *args):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
+  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                        env=env, timeout=900)
+
+
+def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
+  """Train a tiny run on the real local Fashion-MNIST files, then evaluate it: one JSON object on stdout."""
+  run = run_module('cm_jax.train', '--config=configs/test.py', f'--workdir={tmp_path}/run',
+                   '--config.data.source=local')
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--num=12', '--steps=1,2', '--batch_size=6',
+                      f'--cache_dir={tmp_path}/cache', '--num_reference=200', '--search_two_step',
+                      '--search_points=6', '--search_num=8', '--memorization=12', f'--output={tmp_path}/e.json')
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout)
+  with open(tmp_path / 'e.json') as f:
+    assert json.load(f) == out
+  assert [r['steps'] for r in out['results']] == [1, 2]
+  assert all(np.isfinite(r['classifier_fd']) and 0 <= r['precision'] <= 1 for r in out['results'])
+  protocol = out['protocol']
+  assert protocol['num_samples'] == 12 and protocol['reference']['split'] == 'test'
+  assert protocol['reference']['num'] == 200 and protocol['feature_net']['comparable_to_published_fid'] is False
+  assert 0.0 <= protocol['feature_net']['test_accuracy'] <= 1.0
+  search = out['two_step_search']
+  assert 1 <= search['best_index'] <= 4 and search['best_t'] in [e['t'] for e in search['evaluated']]
+  assert out['memorization']['num_train'] == 60000 and out['memorization']['num_samples'] == 12
+  assert 'Training the fashion_mnist feature classifier' in result.stderr
+  bad = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--steps=1,2', '--ts=1.0')
+  assert bad.returncode != 0 and '--ts needs a single --steps value' in bad.stderr
