@@ -86,13 +86,18 @@ def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
 
 
 def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHWC: tuple[int, ...],
-                     sampler: Sampler, config: ml_collections.ConfigDict) -> jax.Array:
-  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with `sampler` static."""
+                     sampler: Sampler, config: ml_collections.ConfigDict,
+                     times: Optional[jax.Array] = None) -> jax.Array:
+  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with `sampler` static.
+
+  times: None for sampler.times, else a (steps - 1,) array of intermediate times used instead (traced).
+  """
   cc = config.consistency
   denoise_fn = functools.partial(denoiser, params)
   z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
   if sampler.name == 'consistency':
-    return sampling.multistep_sample(denoise_fn, z, noise, sampler.times, sigma_min=cc.sigma_min,
+    times = sampler.times if times is None else times
+    return sampling.multistep_sample(denoise_fn, z, noise, times, sigma_min=cc.sigma_min,
                                      sigma_max=cc.sigma_max, clip=config.sampling.clip)
   sigmas = karras.edm_sampling_sigmas(sampler.steps, cc.sigma_min, cc.sigma_max, cc.rho)
   return sampling.diffusion_sample(denoise_fn, z, sigmas, sampler.name, clip=config.sampling.clip)
@@ -158,10 +163,19 @@ class LoadedModel:
 
 
 def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict):
-  """jit(sample_from_keys) as fn(params, keys, sampler, shape_BHWC), sampler and shape static."""
+  """jit(sample_from_keys) as fn(params, keys, sampler, shape_BHWC).
+
+  Compiled once per (sampler name, steps, shape): the intermediate times are a traced argument, so trying
+  many times (the two-step search) does not recompile.
+  """
   @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
-  def run(params, keys, sampler, shape):
-    return sample_from_keys(denoiser, params, keys, shape, sampler, config)
+  def traced(params, keys, times, sampler, shape):
+    return sample_from_keys(denoiser, params, keys, shape, sampler, config, times=times)
+
+  def run(params, keys, sampler: Sampler, shape):
+    times = np.asarray(sampler.times, np.float32)
+    placeholder = dataclasses.replace(sampler, times=(0.0,) * len(sampler.times))  # The static part only.
+    return traced(params, keys, times, placeholder, shape)
   return run
 
 

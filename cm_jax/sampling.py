@@ -47,7 +47,8 @@ def multistep_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, noise_KBHWC: jax.
   """CM Algorithm 1. x = f(T z, T); for tau in ts: x = f(x + sqrt(tau^2 - eps^2) z_k, tau).
 
   z_BHWC is the initial standard normal noise; noise_KBHWC holds one standard normal draw per entry of ts
-  (K = len(ts); shape (0, ...) for one step). clip: clip each denoised x0 to [-1, 1] (as the official code).
+  (K = len(ts); shape (0, ...) for one step). ts may be floats or a traced (K,) array (one compiled program
+  for every choice of times). clip: clip each denoised x0 to [-1, 1] (as the official code).
   Returns samples in [-1, 1] when clip is True.
   """
   if noise_KBHWC.shape[0] != len(ts):
@@ -60,7 +61,7 @@ def multistep_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, noise_KBHWC: jax.
 
   x = denoise(sigma_max * z_BHWC, sigma_max)
   for k, t in enumerate(ts):
-    x = x + np.sqrt(t**2 - sigma_min**2) * noise_KBHWC[k]
+    x = x + jnp.sqrt(t**2 - sigma_min**2) * noise_KBHWC[k]
     x = denoise(x, t)
   return x
 

@@ -14,8 +14,10 @@ import tensorflow_datasets as tfds
 
 from cm_jax import classifier
 from cm_jax import evaluate
+from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import karras
+from cm_jax import sampling
 from cm_jax import train
 from configs import test as test_config
 import fake_inception
@@ -221,3 +223,36 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   assert 'Training the fashion_mnist feature classifier' in result.stderr
   bad = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--steps=1,2', '--ts=1.0')
   assert bad.returncode != 0 and '--ts needs a single --steps value' in bad.stderr
+
+
+@pytest.fixture
+def fast_compiles():
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+def test_sample_fn_takes_the_times_as_an_argument(fast_compiles):
+  """make_sample_fn traces the intermediate times: the samples of times baked in, without recompiling."""
+  config = test_config.get_config()
+  denoiser = inference.make_denoiser(config)
+  shape = (2, 28, 28, 1)
+  params = denoiser.model.init(jax.random.PRNGKey(0), np.zeros(shape, np.float32), np.zeros(2, np.float32))['params']
+  keys = sampling.example_keys(jax.random.PRNGKey(1), 0, 2)
+  sample = inference.make_sample_fn(denoiser, config)
+  spec = inference.Sampler('consistency', 2, (0.5,))
+  first = np.asarray(sample(params, keys, spec, shape))
+  baked = jax.jit(lambda p, k: inference.sample_from_keys(denoiser, p, k, shape, spec, config))
+  np.testing.assert_allclose(first, np.asarray(baked(params, keys)), atol=2e-5)
+  traced = []
+  listener = lambda event, *_a, **_k: traced.append(event) if 'jaxpr_trace' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    other = np.asarray(sample(params, keys, inference.Sampler('consistency', 2, (2.0,)), shape))
+    assert not traced  # Another time: the same program, not even traced again.
+    sample(params, keys, inference.Sampler('consistency', 3, (2.0, 0.5)), shape)
+    assert traced  # Another step count is another program (and the listener sees it).
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert np.abs(first - other).max() > 1e-3
