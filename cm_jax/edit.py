@@ -1,0 +1,283 @@
+r"""Zero-shot editing CLI (CM Algorithm 4): inpainting, colorization, super-resolution, interpolation,
+denoising and stroke-guided generation with a trained consistency model.
+
+    python -m cm_jax.edit --workdir=RUN --task=inpaint --input=images.npz --out=DIR --mask=center
+    python -m cm_jax.edit --workdir=RUN --task=superres --input=images.npz --out=DIR --factor=4
+    python -m cm_jax.edit --workdir=RUN --task=interpolate --out=DIR --num=8
+
+--input holds clean images: an .npz (key 'arr_0' or its only key; uint8 (N, H, W, C) or (N, H, W), the
+layout cm_jax.sample writes), one PNG, or a directory of PNGs. The CLI degrades them itself (masked,
+grayscale, patch-averaged, or noised with --sigma) and edits the degraded images; for 'stroke' the input is
+the stroke painting, and 'interpolate' takes no input (it interpolates --num pairs of noises). A grayscale
+input for an RGB model is replicated to RGB; an RGB input for a grayscale model is refused.
+
+Writes DIR/<task>.npz (uint8 arrays 'original', 'degraded', 'result'; for 'interpolate' only 'result',
+(num, alphas, H, W, C)) and DIR/<task>.png (original | degraded | result grids, or one row per pair).
+'degraded' is what the model was given, rounded to uint8 (a noisy image is clipped to [0, 255] there only).
+The same seed, checkpoint and flags give the same images; image i depends only on (seed, i).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from cm_jax import editing
+from cm_jax import images as images_lib
+from cm_jax import inference
+from cm_jax import input_pipeline
+from cm_jax import sampling
+
+FLAGS = flags.FLAGS
+
+TASKS = ('inpaint', 'colorize', 'superres', 'interpolate', 'denoise', 'stroke')
+_TIMED_TASKS = {'inpaint': editing.INPAINT_TIMES, 'colorize': editing.COLORIZE_TIMES,
+                'superres': editing.SUPERRES_TIMES, 'stroke': editing.STROKE_TIMES}
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'Run directory of a consistency model (CT, CD or ECT).', required=True)
+  flags.DEFINE_enum('task', None, list(TASKS), 'Editing task.', required=True)
+  flags.DEFINE_string('input', None, 'Clean images (.npz, .png or a directory of PNGs); the stroke painting '
+                      "for 'stroke'; not used by 'interpolate'.")
+  flags.DEFINE_string('out', None, 'Output directory for <task>.npz and <task>.png.', required=True)
+  flags.DEFINE_string('mask', 'center', f"inpaint: one of {', '.join(editing.MASKS)}, or a PNG of the image "
+                      'size whose white (>= 128) pixels are missing.')
+  flags.DEFINE_integer('factor', 2, 'superres: patch size p (the low resolution is H/p x W/p).')
+  flags.DEFINE_float('sigma', 0.5, 'denoise: std of the Gaussian noise added to the clean images.')
+  flags.DEFINE_list('ts', None, 'Descending times t_1 > ... > t_N in (sigma_min, sigma_max] for inpaint, '
+                    'colorize, superres and stroke (default: see cm_jax/editing.py).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the editing noise (and of the noise of --task=denoise).')
+  flags.DEFINE_integer('num', 16, 'Images to edit (the first --num of --input), or noise pairs to interpolate.')
+  flags.DEFINE_integer('alphas', 8, 'interpolate: points from z1 (alpha 0) to z2 (alpha 1).')
+  flags.DEFINE_string('ema', None, "Sampling EMA rate to use (default: the run's first), or 'online'.")
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_integer('batch_size', 64, 'Images per device call.')
+
+
+# --------------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------------
+def _png(path: str) -> np.ndarray:
+  with Image.open(path) as img:
+    if img.mode not in ('L', 'RGB'):
+      raise ValueError(f'{path}: PNG mode {img.mode!r}; save it as grayscale (L) or RGB.')
+    arr = np.asarray(img)
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_images(path: str) -> np.ndarray:
+  """uint8 (N, H, W, C) from an .npz (key 'arr_0' or its only key), a PNG, or a directory of PNGs."""
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, '*.png')))
+    if not files:
+      raise ValueError(f'--input={path} is a directory without .png files.')
+    arrays = [_png(f) for f in files]
+    if len({a.shape for a in arrays}) > 1:
+      raise ValueError(f'The PNGs in {path} have different shapes: {sorted({a.shape for a in arrays})}.')
+    return np.stack(arrays)
+  if path.endswith('.png'):
+    return _png(path)[None]
+  if path.endswith('.npz'):
+    with np.load(path) as data:
+      keys = list(data.keys())
+      key = 'arr_0' if 'arr_0' in keys else (keys[0] if len(keys) == 1 else None)
+      if key is None:
+        raise ValueError(f"{path} has keys {keys}; expected 'arr_0' or a single array.")
+      arr = data[key]
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+      raise ValueError(f"{path}['{key}'] is {arr.dtype} {arr.shape}; expected uint8 (N, H, W, C) or (N, H, W).")
+    return arr[..., None] if arr.ndim == 3 else arr
+  raise ValueError(f'--input={path}: expected an .npz file, a .png file or a directory of PNGs.')
+
+
+def match_model(images_NHWC: np.ndarray, image_shape: tuple[int, int, int], what: str = 'input') -> np.ndarray:
+  """Checks the size against the model's; replicates grayscale to RGB for an RGB model; refuses the reverse."""
+  h, w, c = image_shape
+  if images_NHWC.shape[1:3] != (h, w):
+    raise ValueError(f'The {what} images are {images_NHWC.shape[1]}x{images_NHWC.shape[2]}, but the model makes '
+                     f'{h}x{w} images; resize them (or pad them as config.data.pad_to does) first.')
+  ci = images_NHWC.shape[3]
+  if ci == c:
+    return images_NHWC
+  if ci == 1 and c == 3:
+    print(f'The {what} images are grayscale and the model is RGB: replicating the gray channel.')
+    return np.repeat(images_NHWC, 3, axis=3)
+  raise ValueError(f'The {what} images have {ci} channel(s) and the model {c}; convert them first (an RGB '
+                   'input for a grayscale model is not converted silently).')
+
+
+def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """(1, H, W, 1) float32, 1 = missing: a named mask or a PNG whose white (>= 128) pixels are missing."""
+  h, w, _ = image_shape
+  if spec in editing.MASKS:
+    return editing.named_mask(spec, h, w)
+  if not spec.endswith('.png'):
+    raise ValueError(f'--mask={spec!r} is neither one of {editing.MASKS} nor a .png path.')
+  with Image.open(spec) as img:
+    gray = np.asarray(img.convert('L'))
+  if gray.shape != (h, w):
+    raise ValueError(f'--mask={spec} is {gray.shape[0]}x{gray.shape[1]}, the model makes {h}x{w} images.')
+  return (gray >= 128).astype(np.float32)[None, :, :, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Editing
+# --------------------------------------------------------------------------------------------------
+def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int) -> np.ndarray:
+  """fn(start, *batch) over batches of one size, min(batch_size, num) (the last is padded by repetition,
+  then cut)."""
+  batch_size = min(batch_size, num)
+  out = []
+  for start in range(0, num, batch_size):
+    batch = []
+    for a in arrays:
+      part = a[start:start + batch_size]
+      pad = batch_size - len(part)
+      batch.append(np.concatenate([part, np.repeat(part[-1:], pad, axis=0)]) if pad else part)
+    out.append(np.asarray(jax.device_get(fn(start, *batch)))[:num - start])
+  return np.concatenate(out)[:num]
+
+
+def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.ndarray], *, mask: str = 'center',
+             factor: int = 2, sigma: float = 0.5, ts: Optional[Sequence[float]] = None, seed: int = 0,
+             num: int = 16, alphas: int = 8, batch_size: int = 64) -> dict[str, np.ndarray]:
+  """Degrades clean images (model-shaped uint8) and edits them; returns uint8 'original', 'degraded', 'result'
+  ('interpolate': only 'result', (num, alphas, H, W, C)). Image i depends only on (seed, i)."""
+  if model.is_diffusion_model:
+    raise ValueError(f'This run is an EDM diffusion model (loss.name = {model.config.loss.name!r}); zero-shot '
+                     'editing needs a consistency model, whose f(x, t) maps any noise level to an image in one '
+                     "call. Distil or tune it first (loss.name = 'cd' or 'ect').")
+  if task not in TASKS:
+    raise ValueError(f'Unknown task {task!r}; choose one of {TASKS}.')
+  if ts is not None and task not in _TIMED_TASKS:
+    raise ValueError(f'--ts is for {sorted(_TIMED_TASKS)}; {task!r} makes one network call at a fixed time.')
+  if num < 1 or batch_size < 1 or alphas < 1:
+    raise ValueError(f'num, batch_size and alphas must be >= 1, got {num}, {batch_size}, {alphas}.')
+  cc, clip = model.config.consistency, model.config.sampling.clip
+  h, w, c = model.image_shape
+  if task == 'colorize' and c != 3:
+    raise ValueError(f'colorize needs an RGB model; this run makes {c}-channel images '
+                     f'(data.name = {model.config.data.name!r}), so there is no colour to generate.')
+  bounds = dict(sigma_min=cc.sigma_min, sigma_max=cc.sigma_max)
+  times = None
+  if task in _TIMED_TASKS:
+    times = editing.validate_edit_times(_TIMED_TASKS[task] if ts is None else ts, **bounds)
+  seed_key = jax.random.PRNGKey(seed)
+  edit_seed, degrade_seed = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
+
+  def f(params):
+    return functools.partial(model.denoiser, params)
+
+  if task == 'interpolate':
+    alphas_A = jnp.linspace(0.0, 1.0, alphas)
+
+    @jax.jit
+    def interp(params, keys1, keys2):
+      z1 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys1)
+      z2 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys2)
+      x_ABHWC = editing.interpolate(f(params), z1, z2, alphas_A, sigma_max=cc.sigma_max, clip=clip)
+      return jnp.swapaxes(x_ABHWC, 0, 1)
+
+    def run_interp(start, index):
+      return interp(model.params, sampling.example_keys(edit_seed, start, len(index)),
+                    sampling.example_keys(degrade_seed, start, len(index)))
+    x = _batched(run_interp, [np.arange(num)], batch_size, num)
+    return {'result': input_pipeline.to_uint8(x)}
+
+  if clean_uint8 is None:
+    raise ValueError(f'--task={task} needs --input images.')
+  clean_uint8 = match_model(clean_uint8, model.image_shape, 'stroke' if task == 'stroke' else 'input')[:num]
+  num = len(clean_uint8)
+  x_clean = input_pipeline.to_model_range(clean_uint8)
+  if task == 'inpaint':
+    m = load_mask(mask, model.image_shape)
+    degraded = np.asarray(editing.known_part(jnp.asarray(x_clean), m, editing.Identity()))
+    edit_fn = lambda fn, x, keys: editing.inpaint(fn, x, m, keys, times, **bounds, clip=clip)
+  elif task == 'colorize':
+    degraded = editing.gray_to_rgb(editing.luminance(x_clean))
+    edit_fn = lambda fn, x, keys: editing.colorize(fn, x, keys, times, **bounds, clip=clip)
+  elif task == 'superres':
+    editing.check_divisible(h, w, factor)
+    degraded = editing.patch_average(x_clean, factor)
+    edit_fn = lambda fn, x, keys: editing.super_resolve(fn, x, factor, keys, times, **bounds, clip=clip)
+  elif task == 'stroke':
+    degraded = x_clean
+    edit_fn = lambda fn, x, keys: editing.stroke_guided(fn, x, keys, times, **bounds, clip=clip)
+  else:  # denoise
+    if not cc.sigma_min <= sigma <= cc.sigma_max:
+      raise ValueError(f'--sigma={sigma} is outside [{cc.sigma_min}, {cc.sigma_max}] (sigma_min, sigma_max).')
+    noise = _batched(lambda start, x: jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(
+        sampling.example_keys(degrade_seed, start, len(x))), [x_clean], batch_size, num)
+    degraded = x_clean + np.float32(sigma) * noise
+    edit_fn = lambda fn, x, keys: editing.denoise(fn, x, sigma, **bounds, clip=clip)
+
+  run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys))
+  result = _batched(lambda start, x: run(model.params, x, sampling.example_keys(edit_seed, start, len(x))),
+                    [np.asarray(degraded, np.float32)], batch_size, num)
+  return {'original': clean_uint8, 'degraded': input_pipeline.to_uint8(degraded),
+          'result': input_pipeline.to_uint8(result)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+def rows_grid(images_NAHWC: np.ndarray, pad: int = 2, pad_value: int = 128) -> np.ndarray:
+  """One row per n of (N, A, H, W, C) uint8 images."""
+  n, a, h, w, c = images_NAHWC.shape
+  grid = np.full((n * (h + pad) + pad, a * (w + pad) + pad, c), pad_value, np.uint8)
+  for i in range(n):
+    for j in range(a):
+      grid[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = (
+          images_NAHWC[i, j])
+  return grid
+
+
+def figure(arrays: dict[str, np.ndarray]) -> np.ndarray:
+  """original | degraded | result grids side by side; interpolation: one row per noise pair."""
+  if 'original' not in arrays:
+    return rows_grid(arrays['result'])
+  return images_lib.side_by_side([images_lib.make_grid(arrays[k]) for k in ('original', 'degraded', 'result')])
+
+
+def write(arrays: dict[str, np.ndarray], out_dir: str, task: str) -> tuple[str, str]:
+  """Writes out_dir/<task>.npz and out_dir/<task>.png; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  npz = os.path.join(out_dir, f'{task}.npz')
+  np.savez(npz, **arrays)
+  png = images_lib.save_png(figure(arrays), os.path.join(out_dir, f'{task}.png'))
+  return npz, png
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
+  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+  try:
+    if FLAGS.task != 'interpolate' and FLAGS.input is None:
+      raise ValueError(f'--task={FLAGS.task} needs --input (clean images, or the stroke painting for stroke).')
+    clean = None if FLAGS.task == 'interpolate' else load_images(FLAGS.input)
+    arrays = run_task(model, FLAGS.task, clean, mask=FLAGS.mask, factor=FLAGS.factor, sigma=FLAGS.sigma,
+                      ts=times, seed=FLAGS.seed, num=FLAGS.num, alphas=FLAGS.alphas, batch_size=FLAGS.batch_size)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  npz, png = write(arrays, FLAGS.out, FLAGS.task)
+  shapes = ', '.join(f'{k} {v.shape}' for k, v in arrays.items())
+  print(f'Wrote {npz}: uint8 {shapes} ({FLAGS.task}, step {model.step}, {model.which_params}).')
+  print(f'Wrote {png}: ' + ('one row per noise pair, alpha 0 to 1.' if FLAGS.task == 'interpolate' else
+                            'original | degraded | result.'))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
