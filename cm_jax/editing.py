@@ -231,7 +231,7 @@ def edit_from_noise(denoise_fn: DenoiseFn, y_BHWC: jax.Array, omega, transform: 
   start = transform.inverse(known_a) if start_BHWC is None else start_BHWC
   x = project(denoise(start + ts[0] * z_BHWC, ts[0]))
   for k, t in enumerate(ts[1:]):
-    x = x + np.sqrt(t**2 - sigma_min**2) * noise_KBHWC[k]
+    x = x + jnp.sqrt(t**2 - sigma_min**2) * noise_KBHWC[k]  # As sampling.multistep_sample.
     x = project(denoise(x, t))
   return x
 

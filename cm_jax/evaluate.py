@@ -32,16 +32,19 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
 from cm_jax import classifier as classifier_lib
+from cm_jax import config_validation
 from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import metrics
 
 MNIST_FAMILY = ('mnist', 'fashion_mnist')
+REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cached reference features.
 FEATURE_NETS = ('auto', 'classifier', 'inception')
 
 
@@ -110,7 +113,8 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
     images = images[:ev.num_reference]
   digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
   path = os.path.join(classifier_lib.cache_dir(config), 'reference',
-                      f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}.npz')
+                      f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
+                      f'_v{REFERENCE_FORMAT}.npz')
   info = {'dataset': config.data.name, 'split': ev.reference_split, 'num': int(len(images)),
           'pad_to': int(config.data.pad_to or 0), 'cache_file': path}
   if os.path.exists(path):
@@ -141,7 +145,7 @@ class Evaluator:
     return self.net.fd_key
 
   def score(self, images_BHWC: np.ndarray) -> dict:
-    """{fd_key, score_key, score_key + '_std', 'precision', 'recall'} of the images."""
+    """{fd_key, score_key, score_key + '_std', 'precision', 'recall', 'precision_recall_k'} of the images."""
     if len(images_BHWC) < 2:
       raise ValueError(f'Scoring needs at least 2 images, got {len(images_BHWC)}.')
     features, probs = self.net.fn(images_BHWC)
@@ -152,6 +156,7 @@ class Evaluator:
         probs, splits=min(10, len(images_BHWC)))
     k = min(self.pr_k, len(images_BHWC) - 1, len(self.reference.features) - 1)
     out.update(metrics.precision_recall(self.reference.features, features, k=k))
+    out['precision_recall_k'] = k  # evaluation.pr_k, lowered only when there are fewer than k + 1 samples.
     return out
 
   def protocol(self, num_samples: int) -> dict:
@@ -163,6 +168,18 @@ class Evaluator:
 def make_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
   net = make_feature_net(config)
   return Evaluator(net, load_reference(config, net), int(config.evaluation.pr_k))
+
+
+def make_evaluator_on_all_processes(config: ml_collections.ConfigDict) -> Evaluator:
+  """make_evaluator, process 0 first: it trains/caches the classifier and reference features while the
+  others wait at a barrier, then load them from the cache (on a shared filesystem; else they compute their
+  own, identically seeded)."""
+  if jax.process_count() == 1:
+    return make_evaluator(config)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  evaluator = make_evaluator(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('cm_jax_evaluator_cached')
+  return evaluator if evaluator is not None else make_evaluator(config)
 
 
 def sampler_key(spec: inference.Sampler) -> str:
@@ -295,6 +312,10 @@ def main(argv):
     if value is not None:
       config.evaluation[key] = value
   try:
+    config_validation.validate(config)
+    for name in ('num', 'search_num', 'memorization'):
+      if FLAGS[name].value < (1 if name == 'num' else 0):
+        raise ValueError(f'--{name} must be >= {1 if name == "num" else 0}, got {FLAGS[name].value}.')
     if FLAGS.steps is None:
       step_counts = [None] if model.is_diffusion_model else [1, 2]
     else:

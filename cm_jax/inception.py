@@ -8,7 +8,8 @@ evaluations/evaluator.py; clean-fid's legacy_tensorflow mode runs a TorchScript 
     itself resizes them to 299x299 with its own ResizeBilinear op (TF1 semantics) and normalises them;
   * features: 'pool_3:0', (N, 1, 1, 2048) -> (N, 2048);
   * class probabilities (Inception Score): softmax(pool_3 @ W), W = input 1 of the op 'softmax/logits/MatMul'
-    (2048 x 1008), without the graph's bias, as TTUR and ADM do (the graph's own softmax reshapes to batch 1).
+    (2048 x 1008), without the graph's bias, as improved-gan's inception_score.py (which TTUR-era code reuses)
+    and the ADM evaluator do (the graph's own softmax reshapes to batch 1).
 The weights cannot be fetched offline: `resolve_weights` says which file to get and where to put it.
 """
 
@@ -158,7 +159,7 @@ class InceptionNet:
         'input_tensor': INPUT_TENSOR,
         'feature_tensor': FEATURE_TENSOR,
         'feature_dim': self.feature_dim,
-        'probabilities': f'softmax(pool_3 @ W), W = input 1 of {LOGITS_MATMUL_OP}, no bias (as TTUR/ADM)',
+        'probabilities': f'softmax(pool_3 @ W), W = input 1 of {LOGITS_MATMUL_OP}, no bias (as improved-gan/ADM)',
         'num_classes': self.num_classes,
     }
 

@@ -179,7 +179,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
 
   # In-training evaluation (evaluation.every > 0): the same seed at every evaluation, so scores are comparable.
   ev = config.evaluation
-  evaluator = evaluate_lib.make_evaluator(config) if ev.every else None
+  evaluator = None
+  if ev.every and start_step < tc.num_steps:
+    try:  # May train the feature classifier (cached) and compute the reference features (cached).
+      evaluator = evaluate_lib.make_evaluator_on_all_processes(config)
+    except BaseException:
+      manager.close()
+      raise
   p_sample = inference.make_sample_fn(denoiser, config)
 
   def write_scores(step: int, state: ts.TrainState) -> None:
@@ -190,7 +196,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       samples = input_pipeline.to_uint8(inference.sample_in_batches(
           p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape))
       for key, value in evaluator.score(samples).items():
-        scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
+        if key != 'precision_recall_k':
+          scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
       logging.info('Evaluated %s on %d samples in %.0f s.', spec.describe(), ev.num_samples, time.time() - t0)
     writer.write_scalars(step, scores)
 

@@ -141,7 +141,8 @@ def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
   assert same['precision'] == 1.0 and same['recall'] == 1.0
   shifted = scorer.score(np.clip(images.astype(np.int32) + 40, 0, 255).astype(np.uint8))
   assert shifted['classifier_fd'] > 100 * max(abs(same['classifier_fd']), 1e-9)
-  assert set(same) == {'classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall'}
+  assert set(same) == {'classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall',
+                       'precision_recall_k'} and same['precision_recall_k'] == 3
 
 
 def test_inception_feature_net_from_config(tmp_path):
