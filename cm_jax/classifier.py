@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cm_jax import atomic_file
 from cm_jax import input_pipeline
 
 FEATURE_DIM = 128
@@ -185,15 +185,7 @@ def load_or_train(config: ml_collections.ConfigDict) -> Classifier:
               cache_file=stem + '.msgpack')
   logging.info('Classifier test accuracy: %.4f on %d %s test images.', accuracy, len(test_images),
                settings['dataset'])
-  os.makedirs(directory, exist_ok=True)
-  _atomic_write(stem + '.msgpack', serialization.to_bytes(params))
-  _atomic_write(stem + '.json', json.dumps(info, indent=1).encode())  # Written last: marks the entry complete.
+  params_bytes, info_bytes = serialization.to_bytes(params), json.dumps(info, indent=1).encode()
+  atomic_file.write_atomic(stem + '.msgpack', lambda f: f.write(params_bytes))
+  atomic_file.write_atomic(stem + '.json', lambda f: f.write(info_bytes))  # Written last: marks the entry complete.
   return Classifier(params, num_classes, image_shape, info)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes through a temporary file and a rename, so concurrent processes never read half a file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp_')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)

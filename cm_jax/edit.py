@@ -233,13 +233,8 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
 # --------------------------------------------------------------------------------------------------
 def rows_grid(images_NAHWC: np.ndarray, pad: int = 2, pad_value: int = 128) -> np.ndarray:
   """One row per n of (N, A, H, W, C) uint8 images."""
-  n, a, h, w, c = images_NAHWC.shape
-  grid = np.full((n * (h + pad) + pad, a * (w + pad) + pad, c), pad_value, np.uint8)
-  for i in range(n):
-    for j in range(a):
-      grid[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = (
-          images_NAHWC[i, j])
-  return grid
+  n, a = images_NAHWC.shape[:2]
+  return images_lib.make_grid(images_NAHWC.reshape((n * a,) + images_NAHWC.shape[2:]), pad, pad_value, cols=a)
 
 
 def figure(arrays: dict[str, np.ndarray]) -> np.ndarray:

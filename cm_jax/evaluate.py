@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cm_jax import atomic_file
 from cm_jax import classifier as classifier_lib
 from cm_jax import config_validation
 from cm_jax import inference
@@ -126,10 +127,7 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
                  ev.reference_split, path)
     features, _ = net.fn(images)
     features = features.astype(np.float32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f'.tmp{os.getpid()}.npz'
-    np.savez(tmp, features=features)
-    os.replace(tmp, path)
+    atomic_file.write_atomic(path, lambda f: np.savez(f, features=features))
   return Reference(features, metrics.FeatureStats.from_features(features), info)
 
 

@@ -9,10 +9,11 @@ import numpy as np
 from PIL import Image
 
 
-def make_grid(images_BHWC: np.ndarray, pad: int = 2, pad_value: int = 128) -> np.ndarray:
-  """Tiles uint8 images (B, H, W, C) into one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image, near-square."""
+def make_grid(images_BHWC: np.ndarray, pad: int = 2, pad_value: int = 128, cols: int | None = None) -> np.ndarray:
+  """Tiles uint8 images (B, H, W, C) into one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image, row by row;
+  cols None: a near-square grid."""
   b, h, w, c = images_BHWC.shape
-  cols = math.ceil(math.sqrt(b))
+  cols = math.ceil(math.sqrt(b)) if cols is None else cols
   rows = math.ceil(b / cols)
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
   for i, img in enumerate(images_BHWC):

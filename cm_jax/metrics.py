@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Iterator
 
 import numpy as np
+
+from cm_jax import atomic_file
 
 DEFAULT_BATCH_SIZE = 1024  # Rows per distance block: a block holds batch_size * M float64 distances.
 
@@ -83,18 +84,7 @@ class FeatureStats:
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes an .npz (mu, sigma, num) atomically: a temporary file in the same folder, then os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num))
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    atomic_file.write_atomic(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num)))
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> FeatureStats:

@@ -189,7 +189,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   p_sample = inference.make_sample_fn(denoiser, config)
 
   def write_scores(step: int, state: ts.TrainState) -> None:
-    params = state.ema_params[0] if state.ema_params else state.params
+    params = sampling_params(state)
     scores = {}
     for spec in grid_samplers:
       t0 = time.time()
@@ -251,10 +251,14 @@ def sampling_images(denoiser, params, config, grid_shape, samplers):
   return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, spec, config) for spec in samplers)
 
 
+def sampling_params(state: ts.TrainState):
+  """What grids and in-training evaluations sample with: the first sampling EMA (else the online params)."""
+  return state.ema_params[0] if state.ema_params else state.params
+
+
 def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
-  params = state.ema_params[0] if state.ema_params else state.params
   panels = [images.make_grid(input_pipeline.to_uint8(np.asarray(jax.device_get(x))))
-            for x in p_sample_grid(params)]
+            for x in p_sample_grid(sampling_params(state))]
   return images.side_by_side(panels)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from cm_jax import atomic_file
 from cm_jax import inception
 from cm_jax import metrics
 import fake_inception as fake
@@ -306,3 +307,17 @@ def test_resolve_weights_refuses_a_corrupt_download(tmp_path, monkeypatch):
   with pytest.raises(inception.InceptionWeightsUnavailableError, match='junk.pb'):
     inception.resolve_weights(None, str(tmp_path / 'cache'))
   assert os.listdir(tmp_path / 'cache' / 'inception') == []
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+  path = tmp_path / 'sub' / 'cache.npz'
+
+  def fail(f):
+    f.write(b'half')
+    raise OSError('disk full')
+
+  with pytest.raises(OSError, match='disk full'):
+    atomic_file.write_atomic(path, fail)
+  assert os.listdir(tmp_path / 'sub') == []  # Neither the file nor its temporary.
+  assert atomic_file.write_atomic(path, lambda f: f.write(b'whole')) == str(path)
+  assert path.read_bytes() == b'whole' and os.listdir(tmp_path / 'sub') == ['cache.npz']
