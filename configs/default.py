@@ -17,15 +17,35 @@ def get_config() -> ml_collections.ConfigDict:
   # data: what to train on and where it comes from.
   # ---------------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
-  data.name = 'fashion_mnist'     # 'mnist' | 'fashion_mnist'.
+  # 'mnist' | 'fashion_mnist' (28x28 gray) | 'cifar10' (32x32 RGB, TFDS) | 'imagenette' (RGB, TFDS builder
+  # config data.tfds_config) | 'imagenet64' (TFDS imagenet_resized/64x64, prepared by hand: see README) |
+  # 'image_folder' (data.manual_dir = a directory of class subdirectories of JPEG/PNG files).
+  data.name = 'fashion_mnist'
   # 'auto': manual_dir if set, else TFDS if already prepared in data_dir, else the standard local directory
   #         /usr/share/datasets/<name> (Debian's dataset-fashion-mnist), else a TFDS download; every step is
-  #         logged and the error lists what was tried. 'tfds': TFDS only. 'local': IDX files only.
+  #         logged and the error lists what was tried. 'tfds': TFDS only. 'local': local files only.
   data.source = 'auto'
-  data.manual_dir = ml_collections.config_dict.placeholder(str)  # Directory with the four IDX files (.gz or raw).
+  # MNIST family: a directory with the four IDX files (.gz or raw). image_folder: the root of the class folders.
+  data.manual_dir = ml_collections.config_dict.placeholder(str)
   data.data_dir = ml_collections.config_dict.placeholder(str)    # TFDS data_dir (None: TFDS's default).
-  data.pad_to = 0                 # 0: keep 28x28. 32: zero-pad (black) to 32x32, e.g. to match CIFAR-sized models.
-  data.random_flip = False        # Random horizontal flips in training (sensible for Fashion-MNIST, not digits).
+  data.tfds_config = ml_collections.config_dict.placeholder(str)  # TFDS builder config; None: cm_jax's choice
+                                  # per dataset (imagenette: '160px-v2').
+  # Side of the square training images. 0: the dataset's own (28 MNIST family, 32 CIFAR-10, 64 ImageNet 64x64)
+  # or 64 for imagenette and image folders. Images of another size are centre-cropped to a square and resized
+  # (area-averaged down, bicubic up).
+  data.image_size = 0
+  # image_folder: JSON file {folder name: label} that merges class folders into superclasses (e.g. ImageNet-9
+  # from an ImageNet train folder; folders it does not name are left out). None: one class per subdirectory,
+  # labels in sorted folder-name order.
+  data.class_map = ml_collections.config_dict.placeholder(str)
+  # 'memory': decode the whole split into host memory as uint8 (fast; MNIST, CIFAR-10, Imagenette).
+  # 'stream': read each step's examples from disk by index (TFDS ArrayRecord data_source, or the image files),
+  #           each process only its share, for data larger than host memory (ImageNet 64x64 is ~16 GB).
+  # Either way the batch of step k is a function of (seed, k), so resuming stays exact.
+  data.storage = 'memory'
+  data.pad_to = 0                 # MNIST family: 0 keeps 28x28; 32 zero-pads (black) to 32x32.
+  data.random_flip = False        # Random horizontal flips in training (sensible for garments and photos, not
+                                  # digits).
 
   # ---------------------------------------------------------------------------------------------
   # consistency: the noise range and parameterization (CM paper constants; images live in [-1, 1]).
@@ -50,6 +70,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.embedding = 'fourier'     # 'fourier' (random Fourier features) | 'positional' (sinusoidal).
   model.fourier_scale = 0.02      # Fourier frequency std: 16 in CM's official code, 0.02 in iCT.
   model.positional_scale = 1000.0 # Positional embedding of positional_scale * c_noise (PyTorch CM code).
+  model.head_channels = 0         # Attention: 0 for one head; > 0 for heads of this many channels (ADM: 64).
+  model.scale_shift = False       # ADM's scale-shift norm: the time (and class) embedding scales and shifts
+                                  # the second GroupNorm of each residual block instead of being added.
+  model.resblock_updown = False   # Down/upsample inside residual blocks (BigGAN-style, as DDPM++ and ADM)
+                                  # instead of a strided / nearest-neighbour convolution between levels.
+  model.class_conditional = False # Add a learned class embedding to the time embedding; training then reads
+                                  # the dataset's labels and sampling takes labels (or draws them uniformly).
+  model.num_classes = 0           # Number of classes when class_conditional (CIFAR-10 10, ImageNet 1000).
 
   # ---------------------------------------------------------------------------------------------
   # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
@@ -132,6 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_every = 0         # ... plus every checkpoint whose step is a multiple of this (0: none).
   training.eval_every = 1000      # Steps between sample grids (one-step and two-step) under WORKDIR/samples.
   training.num_eval_samples = 64  # Images per grid (a square number keeps the grid square).
+  # 'float32' | 'bfloat16': activations and matmuls of the network in bf16, while parameters, optimizer
+  # state, EMAs, the preconditioning and the loss stay float32 (a gain on TPUs and recent GPUs only).
+  training.precision = 'float32'
   training.disable_most_optimizations = False  # XLA jax_disable_most_optimizations: faster compile, slower steps.
 
   # ---------------------------------------------------------------------------------------------
@@ -154,9 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
                                   # writes eval/<sampler>/<metric> scalars (TensorBoard and console).
   evaluation.num_samples = 1000   # Samples per in-training evaluation (the evaluate CLI takes --num).
   evaluation.seed = 12345         # Sampling seed of in-training evaluations: the same noise at every step.
-  # Feature network: 'auto' ('classifier' for the MNIST family) | 'classifier' (a small CNN cm_jax trains on
-  # the train split, cached; scores NOT comparable to Inception FIDs) | 'inception' (the 2015-12-05 Inception
-  # graph of published FIDs; needs inception_path or a download).
+  # Feature network: 'auto' ('classifier' for the MNIST family, 'inception' for every RGB dataset) |
+  # 'classifier' (a small CNN cm_jax trains on the train split, cached; scores NOT comparable to Inception
+  # FIDs) | 'inception' (the 2015-12-05 Inception graph of published FIDs; needs inception_path or a download).
   evaluation.feature_net = 'auto'
   evaluation.inception_path = ml_collections.config_dict.placeholder(str)  # classify_image_graph_def.pb or
                                   # inception-2015-12-05.tgz; None: CACHE_DIR/inception/, else download.
