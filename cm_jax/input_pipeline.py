@@ -292,6 +292,14 @@ def _load(data_config: Any, split: str, with_labels: bool):
   return (images, labels) if with_labels else images
 
 
+def image_shape(data_config: Any) -> tuple[int, int, int]:
+  """(H, W, C) of the training images that data_config describes, after padding; reads no data."""
+  h, w, c = SUPPORTED[data_config.name].image_shape
+  if data_config.get('pad_to', 0):
+    h = w = data_config.pad_to
+  return h, w, c
+
+
 # ------------------------------------------------------------------ Batching.
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:

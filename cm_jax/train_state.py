@@ -57,10 +57,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the training images after padding."""
   from cm_jax import input_pipeline  # Local import: input_pipeline pulls in TFDS.
-  h, w, c = input_pipeline.SUPPORTED[config.data.name].image_shape
-  if config.data.pad_to:
-    h = w = config.data.pad_to
-  return h, w, c
+  return input_pipeline.image_shape(config.data)
 
 
 def has_target_ema(config: ml_collections.ConfigDict) -> bool:
