@@ -42,7 +42,11 @@ def main(_):
   objective = losses.make_loss(config, image_shape, inference.make_denoiser(config), teacher)
   step_fn = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn,
                                       target_decay=objective.target_decay, tx=tx, config=config), donate_argnums=0)
-  batch = np.random.default_rng(0).integers(0, 256, (config.training.batch_size,) + image_shape, np.uint8)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (config.training.batch_size,) + image_shape, np.uint8)
+  labels = (rng.integers(0, config.model.num_classes, config.training.batch_size).astype(np.int32)
+            if config.model.class_conditional else None)
+  batch = (images, labels)
   t0 = time.time()
   state, metrics = step_fn(state, batch, teacher_params)
   jax.block_until_ready(metrics)
@@ -56,6 +60,7 @@ def main(_):
       'loss': config.loss.name, 'backend': jax.default_backend(), 'devices': jax.device_count(),
       'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
       'batch_size': config.training.batch_size, 'image_shape': image_shape,
+      'precision': config.training.precision,
       'model': {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.items()},
       'first_step_s': round(compile_s, 2), 'steps': FLAGS.steps,
       'steps_per_sec': round(FLAGS.steps / elapsed, 3),

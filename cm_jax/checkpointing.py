@@ -7,7 +7,6 @@ resume needs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any, Optional
@@ -36,12 +35,6 @@ def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
         max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_every or None, create=True,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'config', 'data'))
-
-
-def data_fingerprint(train_images: np.ndarray) -> dict:
-  """What the data stream depends on besides (seed, step, batch size): the examples and their order."""
-  return {'num_examples': int(len(train_images)), 'shape': list(train_images.shape[1:]),
-          'sha256': hashlib.sha256(np.ascontiguousarray(train_images).tobytes()).hexdigest()}
 
 
 def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
@@ -135,8 +128,8 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
 
 # Fields that decide the shapes in the train state (or the data): a resumed run must keep them.
 # training.batch_size and seed fix the data stream: the batch of step k is a function of (seed, k, batch size).
-STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'loss.name', 'loss.target', 'training.ema_rates',
-                     'optim.name', 'training.batch_size', 'seed')
+STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',
+                     'loss.name', 'loss.target', 'training.ema_rates', 'optim.name', 'training.batch_size', 'seed')
 
 
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 from cm_jax import input_pipeline
+from cm_jax.input_pipeline import MNIST_FAMILY
 
 CHOICES = {
     'data.source': ('auto', 'tfds', 'local'),
+    'data.storage': ('memory', 'stream'),
+    'training.precision': ('float32', 'bfloat16'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
     'loss.name': ('ct', 'edm', 'cd', 'ect'),
@@ -108,18 +111,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(channels % mc.num_groups == 0, 'model.num_groups',
              f'{mc.num_groups} groups do not divide {channels} channels (ch and ch * ch_mult).')
   _require(mc.ch % 2 == 0, 'model.ch', 'must be even (it is the time-embedding size).')
-  size = config.data.pad_to or input_pipeline.SUPPORTED[config.data.name].image_shape[0]
+  dc = config.data
+  if dc.name in MNIST_FAMILY:
+    _require(dc.image_size == 0, 'data.image_size',
+             f'{dc.name} images stay 28x28 (set 0); pad them with data.pad_to (e.g. 32) instead.')
+    _require(dc.pad_to == 0 or dc.pad_to >= 28, 'data.pad_to', f'must be 0 or at least 28, got {dc.pad_to}.')
+  else:
+    _require(dc.pad_to == 0, 'data.pad_to', f'pads the 28x28 MNIST-family images; for {dc.name!r} set '
+             'data.image_size instead.')
+    _require(dc.image_size >= 0, 'data.image_size', f'must be >= 0 (0: the dataset\'s default), got {dc.image_size}.')
+  if dc.name == 'image_folder':
+    _require(dc.manual_dir is not None, 'data.manual_dir',
+             "data.name = 'image_folder' needs --config.data.manual_dir=DIR, a directory of class subdirectories "
+             'holding JPEG/PNG images.')
+  else:
+    _require(dc.class_map is None, 'data.class_map', f"is for data.name = 'image_folder', not {dc.name!r}.")
+  if mc.class_conditional:
+    _require(mc.num_classes >= 2, 'model.num_classes',
+             f'a class-conditional model needs the number of classes (>= 2), got {mc.num_classes}.')
+  size = input_pipeline.image_shape(dc)[0]
   factor = 2 ** (len(mc.ch_mult) - 1)
   _require(size % factor == 0, 'model.ch_mult',
            f'{len(mc.ch_mult)} levels halve the image {len(mc.ch_mult) - 1} times, but size {size} does not '
-           f'divide by {factor}; use fewer levels or set data.pad_to (e.g. 32).')
-  if config.data.pad_to:
-    _require(config.data.pad_to >= input_pipeline.SUPPORTED[config.data.name].image_shape[0], 'data.pad_to',
-             'must be 0 or at least the image size.')
+           f'divide by {factor}; use fewer levels, or another data.image_size (data.pad_to for the MNIST '
+           'family, e.g. 32).')
   _require(config.optim.lr > 0, 'optim.lr', 'must be > 0.')
   ev = config.evaluation
   _require(ev.every >= 0, 'evaluation.every', f'must be >= 0 (0: no in-training evaluation), got {ev.every}.')
   if ev.every:
+    if config.data.name == 'image_folder':
+      _require(ev.reference_split == 'train', 'evaluation.reference_split',
+               "an image folder has only a 'train' split: set --config.evaluation.reference_split=train.")
     _require(ev.num_samples >= 2, 'evaluation.num_samples', f'must be >= 2, got {ev.num_samples}.')
   for field in ('batch_size', 'pr_k', 'classifier_steps', 'classifier_batch_size'):
     _require(ev[field] >= 1, f'evaluation.{field}', f'must be >= 1, got {ev[field]}.')
@@ -130,6 +152,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"'classifier' is trained for the MNIST family, not {config.data.name!r}; use 'inception'.")
   _require(config.optim.warmup_steps >= 0 and config.optim.grad_clip >= 0, 'optim.warmup_steps',
            'warmup_steps and grad_clip must be >= 0.')
+
+
+def validate_num_classes(model_classes: int, data_classes: int, data_name: str) -> None:
+  """A class-conditional model must have exactly the dataset's number of classes."""
+  if model_classes != data_classes:
+    raise ValueError(f'config.model.num_classes = {model_classes}, but the {data_name} training data has '
+                     f'{data_classes} classes; set --config.model.num_classes={data_classes}.')
 
 
 def validate_batch(batch_size: int, device_count: int, process_count: int) -> None:

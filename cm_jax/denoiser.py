@@ -17,18 +17,19 @@ class Denoiser:
 
   sigma_min is eps for a consistency model (boundary condition f(x, eps) = x) and 0 for an EDM denoiser.
   A dropout rng switches the network to training mode; pass the same rng to student and target calls so
-  both see the same dropout mask.
+  both see the same dropout mask. labels_B (int (B,)) are the class labels of a class-conditional network,
+  None for an unconditional one. The output is float32 whatever the network's compute dtype.
   """
   model: nn.Module
   sigma_data: float
   sigma_min: float
 
   def __call__(self, params: Any, x_BHWC: jax.Array, sigma_B: jax.Array,
-               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+               dropout_rng: Optional[jax.Array] = None, labels_B: Optional[jax.Array] = None) -> jax.Array:
     train = dropout_rng is not None
     rngs = {'dropout': dropout_rng} if train else {}
 
     def net(x_in_BHWC, c_noise_B):
-      return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, train=train, rngs=rngs)
+      return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, labels_B=labels_B, train=train, rngs=rngs)
 
     return karras.precondition(net, x_BHWC, sigma_B, sigma_data=self.sigma_data, sigma_min=self.sigma_min)

@@ -62,6 +62,8 @@ def define_flags() -> None:
   flags.DEFINE_string('ema', None, "Sampling EMA rate to use (default: the run's first), or 'online'.")
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_integer('batch_size', 64, 'Images per device call.')
+  flags.DEFINE_integer('class_label', None, 'Class-conditional models (required there): the class the images are '
+                       'edited as.')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,9 +152,13 @@ def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int) -> np.
 
 def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.ndarray], *, mask: str = 'center',
              factor: int = 2, sigma: float = 0.5, ts: Optional[Sequence[float]] = None, seed: int = 0,
-             num: int = 16, alphas: int = 8, batch_size: int = 64) -> dict[str, np.ndarray]:
+             num: int = 16, alphas: int = 8, batch_size: int = 64,
+             class_label: Optional[int] = None) -> dict[str, np.ndarray]:
   """Degrades clean images (model-shaped uint8) and edits them; returns uint8 'original', 'degraded', 'result'
-  ('interpolate': only 'result', (num, alphas, H, W, C)). Image i depends only on (seed, i)."""
+  ('interpolate': only 'result', (num, alphas, H, W, C)). Image i depends only on (seed, i).
+
+  class_label: the class every network call is conditioned on; required for a class-conditional model, which
+  edits all images as that class, and refused for an unconditional one."""
   if model.is_diffusion_model:
     raise ValueError(f'This run is an EDM diffusion model (loss.name = {model.config.loss.name!r}); zero-shot '
                      'editing needs a consistency model, whose f(x, t) maps any noise level to an image in one '
@@ -175,8 +181,15 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   seed_key = jax.random.PRNGKey(seed)
   edit_seed, degrade_seed = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
 
+  model.labels(1, labels=class_label)  # Checks class_label against the model (range, conditional or not).
+  if model.num_classes and class_label is None:
+    raise ValueError(f'This model is class-conditional ({model.num_classes} classes): pass --class_label=K, the '
+                     'class of the images to edit.')
+
   def f(params):
-    return functools.partial(model.denoiser, params)
+    if class_label is None:
+      return functools.partial(model.denoiser, params)
+    return lambda x, sigma: model.denoiser(params, x, sigma, labels_B=jnp.full(x.shape[:1], class_label, jnp.int32))
 
   if task == 'interpolate':
     alphas_A = jnp.linspace(0.0, 1.0, alphas)
@@ -263,7 +276,8 @@ def main(argv):
       raise ValueError(f'--task={FLAGS.task} needs --input (clean images, or the stroke painting for stroke).')
     clean = None if FLAGS.task == 'interpolate' else load_images(FLAGS.input)
     arrays = run_task(model, FLAGS.task, clean, mask=FLAGS.mask, factor=FLAGS.factor, sigma=FLAGS.sigma,
-                      ts=times, seed=FLAGS.seed, num=FLAGS.num, alphas=FLAGS.alphas, batch_size=FLAGS.batch_size)
+                      ts=times, seed=FLAGS.seed, num=FLAGS.num, alphas=FLAGS.alphas, batch_size=FLAGS.batch_size,
+                      class_label=FLAGS.class_label)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   npz, png = write(arrays, FLAGS.out, FLAGS.task)

@@ -44,7 +44,7 @@ from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import metrics
 
-MNIST_FAMILY = ('mnist', 'fashion_mnist')
+MNIST_FAMILY = input_pipeline.MNIST_FAMILY
 REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cached reference features.
 FEATURE_NETS = ('auto', 'classifier', 'inception')
 
@@ -116,8 +116,7 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
   path = os.path.join(classifier_lib.cache_dir(config), 'reference',
                       f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
                       f'_v{REFERENCE_FORMAT}.npz')
-  info = {'dataset': config.data.name, 'split': ev.reference_split, 'num': int(len(images)),
-          'pad_to': int(config.data.pad_to or 0), 'cache_file': path}
+  info = dict(data_protocol(config.data), split=ev.reference_split, num=int(len(images)), cache_file=path)
   if os.path.exists(path):
     with np.load(path) as f:
       features = f['features']
@@ -161,6 +160,24 @@ class Evaluator:
     return {'num_samples': int(num_samples), 'reference': self.reference.info, 'feature_net': self.net.protocol,
             'precision_recall_k': self.pr_k,
             'resize': self.net.protocol.get('input', 'none: images at the model resolution')}
+
+
+def data_protocol(data_config: ml_collections.ConfigDict) -> dict:
+  """What a paper states about the images: dataset (and TFDS config or class map), shape and preprocessing."""
+  h, w, c = input_pipeline.image_shape(data_config)
+  if data_config.name in MNIST_FAMILY:
+    prep = f'zero-padded from 28x28 to {h}x{w}' if data_config.pad_to else 'none (28x28 as stored)'
+  elif data_config.name == 'cifar10' and h == 32:
+    prep = 'none (32x32 as stored)'
+  else:
+    prep = (f'centre crop to a square (the short side), then resized to {h}x{w} (area averaging down, bicubic '
+            'up)')
+  out = {'dataset': data_config.name, 'image_shape': [h, w, c], 'preprocessing': prep,
+         'pad_to': int(data_config.pad_to or 0)}
+  for field in ('tfds_config', 'class_map', 'manual_dir'):
+    if data_config.get(field):
+      out[field] = data_config[field]
+  return out
 
 
 def make_evaluator(config: ml_collections.ConfigDict) -> Evaluator:
@@ -251,9 +268,13 @@ def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Seque
                         sampling_seconds=round(t1 - t0, 2), **scores))
     if first_samples is None:
       first_samples = samples
+  protocol = dict(evaluator.protocol(num), sampling_seed=seed)
+  if model.num_classes:
+    protocol['class_labels'] = (f'drawn uniformly from the {model.num_classes} classes (label i from (seed, i), '
+                                'cm_jax.inference.draw_labels)')
   out = {'workdir': os.path.abspath(model.workdir), 'checkpoint_step': model.step,
          'params': model.which_params, 'dataset': model.config.data.name, 'seed': seed,
-         'protocol': evaluator.protocol(num), 'results': results}
+         'protocol': protocol, 'results': results}
   if search_points:
     if model.is_diffusion_model:
       raise ValueError('--search_two_step is for consistency models; this run is an EDM diffusion model.')

@@ -26,6 +26,9 @@ from cm_jax import sampling
 from cm_jax import train_state as ts
 from cm_jax.denoiser import Denoiser
 
+# Class labels of a class-conditional model: None (drawn uniformly), one class for all samples, or one each.
+LabelsArg = Union[None, int, Sequence[int], np.ndarray]
+
 
 def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
   """True for an EDM denoiser (loss 'edm'), False for a consistency model."""
@@ -37,7 +40,8 @@ def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
   EDM teacher the denoiser D (eps = 0)."""
   cc = config.consistency
   sigma_min = 0.0 if is_diffusion_model(config) else cc.sigma_min
-  return Denoiser(models.create_model(config.model), sigma_data=cc.sigma_data, sigma_min=sigma_min)
+  network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
+  return Denoiser(network, sigma_data=cc.sigma_data, sigma_min=sigma_min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +91,18 @@ def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
 
 def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHWC: tuple[int, ...],
                      sampler: Sampler, config: ml_collections.ConfigDict,
-                     times: Optional[jax.Array] = None) -> jax.Array:
-  """Samples in [-1, 1], one per key (example i depends only on keys[i]); jit-able with `sampler` static.
+                     times: Optional[jax.Array] = None, labels_B: Optional[jax.Array] = None) -> jax.Array:
+  """Samples in [-1, 1], one per key (example i depends only on keys[i] and labels_B[i]); jit-able with
+  `sampler` static.
 
   times: None for sampler.times, else a (steps - 1,) array of intermediate times used instead (traced).
+  labels_B: the class of each sample for a class-conditional model, else None.
   """
   cc = config.consistency
-  denoise_fn = functools.partial(denoiser, params)
+
+  def denoise_fn(x_BHWC, sigma_B):
+    return denoiser(params, x_BHWC, sigma_B, labels_B=labels_B)
+
   z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
   if sampler.name == 'consistency':
     times = sampler.times if times is None else times
@@ -145,21 +154,38 @@ class LoadedModel:
   def is_diffusion_model(self) -> bool:
     return is_diffusion_model(self.config)
 
+  @property
+  def num_classes(self) -> int:
+    """Classes of a class-conditional model; 0 for an unconditional one."""
+    return int(self.config.model.num_classes) if self.config.model.class_conditional else 0
+
+  def labels(self, num: int, seed: int = 0, labels: LabelsArg = None) -> Optional[np.ndarray]:
+    """The class labels int32 (num,) that sampling with these arguments uses (None: unconditional model).
+
+    labels: None draws them uniformly (label i depends only on (seed, i)), an int gives every sample that
+    class, an array gives one label per sample.
+    """
+    return resolve_labels(self.config, num, seed, labels)
+
   def sample_float(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None,
-                   seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None) -> np.ndarray:
-    """num samples in [-1, 1], float32 (num, H, W, C). Sample i depends only on (seed, i, params, sampler).
+                   seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None,
+                   labels: LabelsArg = None) -> np.ndarray:
+    """num samples in [-1, 1], float32 (num, H, W, C). Sample i depends only on (seed, i, its label, params,
+    sampler).
 
     sampler: None for the model's default ('consistency', or config.sampling.diffusion_solver for an EDM
     model), else 'consistency' | 'heun' | 'euler'. steps: None for 1 (consistency) or
-    config.sampling.diffusion_steps (EDM). ts: intermediate times of consistency sampling.
+    config.sampling.diffusion_steps (EDM). ts: intermediate times of consistency sampling. labels: for a
+    class-conditional model, None (uniform; see `labels`), a class, or one label per sample.
     """
     spec = make_sampler(self.config, sampler, steps, ts)
-    return sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape)
+    return sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape,
+                             self.labels(num, seed, labels))
 
   def sample(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None, seed: int = 0,
-             batch_size: int = 256, sampler: Optional[str] = None) -> np.ndarray:
+             batch_size: int = 256, sampler: Optional[str] = None, labels: LabelsArg = None) -> np.ndarray:
     """num samples as uint8 (num, H, W, C), the layout of the OpenAI evaluation suite's npz files."""
-    return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler))
+    return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler, labels))
 
 
 def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict):
@@ -169,30 +195,73 @@ def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict):
   many times (the two-step search) does not recompile.
   """
   @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
-  def traced(params, keys, times, sampler, shape):
-    return sample_from_keys(denoiser, params, keys, shape, sampler, config, times=times)
+  def traced(params, keys, times, labels, sampler, shape):
+    return sample_from_keys(denoiser, params, keys, shape, sampler, config, times=times, labels_B=labels)
 
-  def run(params, keys, sampler: Sampler, shape):
+  def run(params, keys, sampler: Sampler, shape, labels=None):
     times = np.asarray(sampler.times, np.float32)
     placeholder = dataclasses.replace(sampler, times=(0.0,) * len(sampler.times))  # The static part only.
-    return traced(params, keys, times, placeholder, shape)
+    return traced(params, keys, times, labels, placeholder, shape)
   return run
 
 
 def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int, batch_size: int,
-                      image_shape: tuple[int, ...]) -> np.ndarray:
-  """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape)` (a jitted
-  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i), whatever the batch size."""
+                      image_shape: tuple[int, ...], labels: Optional[np.ndarray] = None) -> np.ndarray:
+  """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape, labels)` (a jitted
+  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i) and labels[i], whatever the batch size."""
   if num < 1 or batch_size < 1:
     raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
+  if labels is not None and len(labels) != num:
+    raise ValueError(f'{len(labels)} labels for {num} samples.')
   batch_size = min(batch_size, num)
   seed_key = jax.random.PRNGKey(seed)
   out = []
   for start in range(0, num, batch_size):
     keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
-    x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape))
+    batch_labels = None
+    if labels is not None:
+      batch_labels = np.zeros((batch_size,), np.int32)
+      batch_labels[:min(batch_size, num - start)] = labels[start:start + batch_size]
+    x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape), batch_labels)
     out.append(np.asarray(jax.device_get(x))[:num - start])
   return np.concatenate(out)[:num]
+
+
+def draw_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> Optional[np.ndarray]:
+  """Uniform class labels int32 (num,) for a class-conditional model (None otherwise); label i depends only on
+  (seed, i), so a longer draw extends a shorter one."""
+  if not config.model.class_conditional:
+    return None
+  return np.random.default_rng((seed, 0x1abe1)).integers(0, config.model.num_classes, num).astype(np.int32)
+
+
+def resolve_labels(config: ml_collections.ConfigDict, num: int, seed: int,
+                   labels: LabelsArg = None) -> Optional[np.ndarray]:
+  """The labels of `num` samples: drawn uniformly (None), one class for all (an int), or as given (an array).
+
+  Raises ValueError for labels given to an unconditional model and for labels outside [0, num_classes).
+  """
+  if not config.model.class_conditional:
+    if labels is not None:
+      raise ValueError('This model is unconditional (model.class_conditional = False): it takes no class labels.')
+    return None
+  if labels is None:
+    return draw_labels(config, num, seed)
+  k = config.model.num_classes
+  out = np.full((num,), labels, np.int32) if np.ndim(labels) == 0 else np.asarray(labels, np.int32)
+  if out.shape != (num,):
+    raise ValueError(f'Expected one class label per sample ({num}), got an array of shape {out.shape}.')
+  if out.size and (out.min() < 0 or out.max() >= k):
+    bad = sorted({int(v) for v in out if not 0 <= v < k})[:10]
+    raise ValueError(f'Class labels must lie in [0, {k}) (model.num_classes = {k}); got {bad}.')
+  return out
+
+
+def grid_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndarray]:
+  """Labels of the training-time sample grids: classes 0, 1, 2, ... in turn (None for unconditional models)."""
+  if not config.model.class_conditional:
+    return None
+  return (np.arange(num) % config.model.num_classes).astype(np.int32)
 
 
 def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] = None) -> LoadedModel:

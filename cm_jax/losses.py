@@ -1,4 +1,4 @@
-"""Training losses: pure functions (params, target_params, x0, step, rng, teacher_params) -> (loss, metrics).
+"""Training losses: pure functions (params, target_params, x0, step, rng, teacher_params, labels) -> (loss, metrics).
 
 - 'ct':  consistency training (CM 2023 and iCT).
 - 'edm': the EDM diffusion loss that trains a teacher (a denoiser with eps = 0).
@@ -6,7 +6,8 @@
 - 'ect': easy consistency tuning (Geng et al. 2024): continuous (t, r) pairs, the gap shrinking by stages.
 
 `make_loss` resolves every string of the config into functions, once; nothing inside a traced loss
-dispatches on strings. teacher_params is None for every loss but 'cd'.
+dispatches on strings. teacher_params is None for every loss but 'cd'; labels (int (B,)) are the class labels
+of a class-conditional model, passed to every network call (student, target and teacher), else None.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _choose(options: dict, key: str, field: str):
   return options[key]
 
 
-def consistency_training_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *,
+def consistency_training_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, labels_B=None, *,
                               denoiser: Denoiser, settings: CTSettings):
   """CT loss: lambda(sigma_n) d(f(x + s_{n+1} z, s_{n+1}), stopgrad f^-(x + s_n z, s_n)), mean over batch.
 
@@ -109,11 +110,11 @@ def consistency_training_loss(params, target_params, x0_BHWC, step, rng, teacher
   Student and target share z and the dropout rng. teacher_params is unused. Returns (loss, metrics).
   """
   del teacher_params
-  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, denoiser=denoiser, settings=settings,
-                                target_input=lambda x_hi, sigma_hi, x_lo, sigma_lo: x_lo)
+  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, labels_B, denoiser=denoiser,
+                                settings=settings, target_input=lambda x_hi, sigma_hi, x_lo, sigma_lo: x_lo)
 
 
-def consistency_distillation_loss(params, target_params, x0_BHWC, step, rng, teacher_params, *,
+def consistency_distillation_loss(params, target_params, x0_BHWC, step, rng, teacher_params, labels_B=None, *,
                                   denoiser: Denoiser, teacher: Denoiser, ode_step_fn: Callable[..., Any],
                                   settings: CTSettings):
   """CD loss (CM eq. 7): lambda(sigma_n) d(f(x + s_{n+1} z, s_{n+1}), stopgrad f^-(x_hat, s_n)), batch mean.
@@ -122,17 +123,17 @@ def consistency_distillation_loss(params, target_params, x0_BHWC, step, rng, tea
   from (x + s_{n+1} z, s_{n+1}) down to s_n; the teacher runs without dropout. Otherwise as
   consistency_training_loss.
   """
-  teacher_fn = functools.partial(teacher, teacher_params)
+  teacher_fn = lambda x, sigma: teacher(teacher_params, x, sigma, labels_B=labels_B)
 
   def target_input(x_hi, sigma_hi, x_lo, sigma_lo):
     del x_lo
     return jax.lax.stop_gradient(ode_step_fn(teacher_fn, x_hi, sigma_hi, sigma_lo))
 
-  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, denoiser=denoiser, settings=settings,
-                                target_input=target_input)
+  return _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, labels_B, denoiser=denoiser,
+                                settings=settings, target_input=target_input)
 
 
-def _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, *, denoiser: Denoiser,
+def _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, labels_B, *, denoiser: Denoiser,
                            settings: CTSettings, target_input):
   """Shared body of CT and CD; target_input(x_hi, sigma_hi, x_lo, sigma_lo) is where the target is evaluated."""
   s = settings
@@ -147,11 +148,11 @@ def _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, *, denoise
   def expand(v_B):
     return v_B[:, None, None, None]
 
-  student_BHWC = denoiser(params, x0_BHWC + expand(sigma_hi_B) * z_BHWC, sigma_hi_B, rng_dropout)
+  student_BHWC = denoiser(params, x0_BHWC + expand(sigma_hi_B) * z_BHWC, sigma_hi_B, rng_dropout, labels_B)
   target_params = params if target_params is None else target_params
   x_target = target_input(x0_BHWC + expand(sigma_hi_B) * z_BHWC, sigma_hi_B,
                           x0_BHWC + expand(sigma_lo_B) * z_BHWC, sigma_lo_B)
-  target_BHWC = jax.lax.stop_gradient(denoiser(target_params, x_target, sigma_lo_B, rng_dropout))
+  target_BHWC = jax.lax.stop_gradient(denoiser(target_params, x_target, sigma_lo_B, rng_dropout, labels_B))
 
   weight_B = s.weight(sigma_lo_B, sigma_hi_B)
   loss = jnp.mean(weight_B * s.distance(student_BHWC, target_BHWC))
@@ -166,7 +167,7 @@ def _consistency_pair_loss(params, target_params, x0_BHWC, step, rng, *, denoise
   return loss, metrics
 
 
-def edm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *, denoiser: Denoiser,
+def edm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, labels_B=None, *, denoiser: Denoiser,
              p_mean: float, p_std: float, sigma_data: float):
   """EDM: ln sigma ~ N(p_mean, p_std^2); mean of w(sigma) |D(x + sigma z, sigma) - x|^2 (pixel mean).
 
@@ -177,7 +178,7 @@ def edm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *, 
   rng_sigma, rng_noise, rng_dropout = jax.random.split(rng, 3)
   sigma_B = karras.edm_training_sigma(rng_sigma, x0_BHWC.shape[0], p_mean, p_std)
   z_BHWC = jax.random.normal(rng_noise, x0_BHWC.shape, x0_BHWC.dtype)
-  denoised_BHWC = denoiser(params, x0_BHWC + sigma_B[:, None, None, None] * z_BHWC, sigma_B, rng_dropout)
+  denoised_BHWC = denoiser(params, x0_BHWC + sigma_B[:, None, None, None] * z_BHWC, sigma_B, rng_dropout, labels_B)
   mse_B = karras.l2_distance(denoised_BHWC, x0_BHWC)
   loss = jnp.mean(karras.edm_weight(sigma_B, sigma_data) * mse_B)
   return loss, {'loss': loss, 'l2': jnp.mean(mse_B), 'mean_sigma': jnp.mean(sigma_B)}
@@ -197,7 +198,7 @@ class ECTSettings:
   huber_c: float
 
 
-def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, *,
+def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, labels_B=None, *,
                                  denoiser: Denoiser, settings: ECTSettings):
   """ECT: w(t, r) d(f(x + t z, t), stopgrad f(x + r z, r)), t lognormal, r = ect_r(t, stage); batch mean.
 
@@ -215,11 +216,12 @@ def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teac
   def expand(v_B):
     return v_B[:, None, None, None]
 
-  student_BHWC = denoiser(params, x0_BHWC + expand(t_B) * z_BHWC, t_B, rng_dropout)
+  student_BHWC = denoiser(params, x0_BHWC + expand(t_B) * z_BHWC, t_B, rng_dropout, labels_B)
   at_zero_B = r_B <= 0.0
   r_safe_B = jnp.where(at_zero_B, t_B, r_B)  # Keeps ln(0) out of the network; those targets are x0 anyway.
   target_BHWC = jax.lax.stop_gradient(jnp.where(
-      expand(at_zero_B), x0_BHWC, denoiser(params, x0_BHWC + expand(r_safe_B) * z_BHWC, r_safe_B, rng_dropout)))
+      expand(at_zero_B), x0_BHWC,
+      denoiser(params, x0_BHWC + expand(r_safe_B) * z_BHWC, r_safe_B, rng_dropout, labels_B)))
   loss = jnp.mean(s.weight(r_B, t_B) * s.distance(student_BHWC, target_BHWC))
   metrics = {
       'loss': loss,
@@ -241,7 +243,7 @@ def make_ect_settings(config: ml_collections.ConfigDict, image_shape: tuple[int,
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """A resolved training objective: loss_fn(params, target_params, x0, step, rng, teacher_params)."""
+  """A resolved training objective: loss_fn(params, target_params, x0, step, rng, teacher_params, labels)."""
   loss_fn: Callable[..., Any]
   target_decay: Optional[Callable[[Any], Any]]  # step -> mu(k) when the state has target params, else None.
 

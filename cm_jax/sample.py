@@ -4,7 +4,9 @@ An EDM teacher (a run with loss.name = 'edm') is sampled with the EDM ODE sample
     python -m cm_jax.sample --workdir=TEACHER --sampler=heun --steps=18 --num=10000 --out=teacher.npz
 
 Writes `arr_0` (uint8, (N, H, W, C), the OpenAI evaluation-suite convention) to --out and a PNG grid of
-the first samples next to it. Loads the latest (or --checkpoint_step) checkpoint read-only and uses the
+the first samples next to it. A class-conditional model samples class --class_label, or labels drawn
+uniformly; the npz then also holds the labels as `arr_1` (int32 (N,), as the evaluation suite's
+class-conditional files do). Loads the latest (or --checkpoint_step) checkpoint read-only and uses the
 first sampling EMA unless --ema says otherwise. The same seed, checkpoint and times give the same samples.
 """
 
@@ -40,6 +42,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_integer('batch_size', 256, 'Samples per device call; lower it if memory runs out.')
   flags.DEFINE_integer('grid', 100, 'How many samples go into the PNG grid (0: none).')
+  flags.DEFINE_integer('class_label', None, 'Class-conditional models: sample only this class (default: labels '
+                       'drawn uniformly, label i depending only on (seed, i)).')
 
 
 def main(argv):
@@ -51,15 +55,17 @@ def main(argv):
   times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
   try:
     spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
+    labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  logging.info('Sampling %d images with %s, from step %d (%s).', FLAGS.num, spec.describe(), model.step,
-               model.which_params)
+    raise app.UsageError(str(e).replace('class labels', '--class_label')) from e
+  logging.info('Sampling %d images with %s, from step %d (%s)%s.', FLAGS.num, spec.describe(), model.step,
+               model.which_params, '' if labels is None else
+               (f', class {FLAGS.class_label}' if FLAGS.class_label is not None else ', uniformly drawn classes'))
   t0 = time.time()
   samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                         sampler=FLAGS.sampler)
+                         sampler=FLAGS.sampler, labels=labels)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  np.savez(FLAGS.out, samples)
+  np.savez(FLAGS.out, *((samples,) if labels is None else (samples, labels)))
   print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')
   if FLAGS.grid:
     png = os.path.splitext(FLAGS.out)[0] + '.png'

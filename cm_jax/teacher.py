@@ -19,7 +19,8 @@ from cm_jax import checkpointing
 from cm_jax import inference
 
 # Fields where the student must agree with its teacher whatever the initialisation.
-_SHARED_FIELDS = ('data.name', 'data.pad_to', 'consistency.sigma_data')
+_SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',
+                  'consistency.sigma_data', 'model.class_conditional', 'model.num_classes')
 
 
 def pin(config: ml_collections.ConfigDict,

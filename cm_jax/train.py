@@ -36,12 +36,14 @@ from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
 
 
-def train_step(state: ts.TrainState, batch_BHWC, teacher_params, *, loss_fn, target_decay, tx,
+def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_decay, tx,
                config: ml_collections.ConfigDict):
-  """One optimisation step. batch_BHWC is uint8; teacher_params is None except for 'cd'.
+  """One optimisation step. batch is (images uint8 (B, H, W, C), labels int32 (B,) or None for an unconditional
+  model); teacher_params is None except for 'cd'.
 
   Returns (new state, metrics of this step).
   """
+  batch_BHWC, labels_B = batch
   rng = jax.random.fold_in(state.rng, state.step)
   rng_flip, rng_loss = jax.random.split(rng)
   x0_BHWC = input_pipeline.to_model_range(batch_BHWC)
@@ -50,7 +52,8 @@ def train_step(state: ts.TrainState, batch_BHWC, teacher_params, *, loss_fn, tar
     x0_BHWC = jnp.where(flip_B[:, None, None, None], x0_BHWC[:, :, ::-1, :], x0_BHWC)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss, teacher_params)
+  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss, teacher_params,
+                                labels_B)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
 
@@ -94,16 +97,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   config_validation.validate_batch(tc.batch_size, jax.device_count(), jax.process_count())
 
   # ----------------------------------------------------------------------------------------------
-  # Input: the whole split in host memory; the batch of step k is a function of (seed, k).
+  # Input: the batch of step k is a function of (seed, k); each process reads its rows (in memory or streamed
+  # from disk, data.storage) while the previous step computes. Labels only for class-conditional models.
   # ----------------------------------------------------------------------------------------------
-  train_images = input_pipeline.load_images(config.data, 'train')
-  data_fingerprint = checkpointing.data_fingerprint(train_images)
-  image_shape = tuple(train_images.shape[1:])
+  class_conditional = config.model.class_conditional
+  train_data = input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional)
+  if class_conditional:
+    config_validation.validate_num_classes(config.model.num_classes, train_data.num_classes, config.data.name)
+  data_fingerprint = train_data.fingerprint
+  image_shape = tuple(train_data.image_shape)
+  stream = input_pipeline.BatchStream(train_data, config.seed, tc.batch_size, jax.process_index(),
+                                      jax.process_count())
 
-  def global_batch(step: int) -> jax.Array:
-    local = input_pipeline.local_batch(train_images, config.seed, step, tc.batch_size, jax.process_index(),
-                                       jax.process_count())
-    return jax.make_array_from_process_local_data(batch_sharding, local)
+  def global_batch(step: int):
+    images_local, labels_local = stream.get(step)
+    return (jax.make_array_from_process_local_data(batch_sharding, images_local),
+            None if labels_local is None else jax.make_array_from_process_local_data(batch_sharding, labels_local))
 
   # ----------------------------------------------------------------------------------------------
   # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
@@ -126,8 +135,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-  logging.info('Model: %s parameters; image shape %s; %d devices, %d processes.', f'{num_params:,}',
-               image_shape, jax.device_count(), jax.process_count())
+  logging.info('Model: %s parameters (%s); image shape %s; %s; %d devices, %d processes.', f'{num_params:,}',
+               tc.precision, image_shape, f'{config.model.num_classes} classes' if class_conditional else
+               'unconditional', jax.device_count(), jax.process_count())
 
   # ----------------------------------------------------------------------------------------------
   # Restore, or start fresh.
@@ -168,7 +178,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
                          out_shardings=(state_sharding, None), donate_argnums=0)
   grid_shape = (tc.num_eval_samples,) + image_shape
   grid_samplers = inference.grid_samplers(config)
-  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape, grid_samplers))
+  grid_labels = inference.grid_labels(config, tc.num_eval_samples)
+  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape, grid_samplers,
+                                                         grid_labels))
 
   def write_samples(step: int, state: ts.TrainState) -> None:
     grid = sample_grid_from(p_sample_grid, state, config)
@@ -194,7 +206,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     for spec in grid_samplers:
       t0 = time.time()
       samples = input_pipeline.to_uint8(inference.sample_in_batches(
-          p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape))
+          p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape,
+          inference.draw_labels(config, ev.num_samples, ev.seed)))
       for key, value in evaluator.score(samples).items():
         if key != 'precision_recall_k':
           scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
@@ -241,14 +254,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     # Also on an error or interrupt: let pending async saves finish, so the last good checkpoint is kept.
     manager.wait_until_finished()
     manager.close()
+    stream.close()
     writer.flush()
   return state
 
 
-def sampling_images(denoiser, params, config, grid_shape, samplers):
+def sampling_images(denoiser, params, config, grid_shape, samplers, labels_B=None):
   """Fixed-seed samples in [-1, 1] for the eval grid, one panel per sampler (inference.grid_samplers)."""
   keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, grid_shape[0])
-  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, spec, config) for spec in samplers)
+  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, spec, config, labels_B=labels_B)
+               for spec in samplers)
 
 
 def sampling_params(state: ts.TrainState):

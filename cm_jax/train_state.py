@@ -77,7 +77,8 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   h, w, c = image_shape(config)
   if init_params is None:
-    params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), train=False)['params']
+    labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
+    params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False)['params']
   else:
     params = init_params
   return TrainState(

@@ -110,18 +110,36 @@ def test_batch_indices_cache_is_read_only():
 # --------------------------------------------------------------- local_batch.
 def test_local_batch_processes_concatenate_to_global():
   images = np.arange(37 * 2 * 2).reshape(37, 2, 2, 1).astype(np.uint8)
+  labels = np.arange(37, dtype=np.int32)
+  data = ip.ArrayDataset(images, labels, 37)
   for step in (0, 3, 11):
-    full = ip.local_batch(images, 7, step, 12)
+    full, full_labels = ip.local_batch(data, 7, step, 12)
     np.testing.assert_array_equal(full,
                                   images[ip.batch_indices(7, step, 12, 37)])
-    parts = [ip.local_batch(images, 7, step, 12, p, 4) for p in range(4)]
-    assert all(p.shape == (3, 2, 2, 1) and p.dtype == np.uint8 for p in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), full)
+    np.testing.assert_array_equal(full_labels, ip.batch_indices(7, step, 12, 37))
+    parts = [ip.local_batch(data, 7, step, 12, p, 4) for p in range(4)]
+    assert all(p.shape == (3, 2, 2, 1) and p.dtype == np.uint8 and l.dtype == np.int32 for p, l in parts)
+    np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), full)
+    np.testing.assert_array_equal(np.concatenate([l for _, l in parts]), full_labels)
+
+
+def test_local_batch_without_labels_gives_none():
+  data = ip.ArrayDataset(np.zeros((5, 2, 2, 1), np.uint8), None, 10)
+  images, labels = ip.local_batch(data, 0, 0, 4)
+  assert images.shape == (4, 2, 2, 1) and labels is None
 
 
 def test_local_batch_indivisible():
   with pytest.raises(ValueError, match='divisible'):
-    ip.local_batch(np.zeros((10, 2, 2, 1), np.uint8), 0, 0, 10, 0, 3)
+    ip.local_batch(ip.ArrayDataset(np.zeros((10, 2, 2, 1), np.uint8), None, 10), 0, 0, 10, 0, 3)
+
+
+def test_array_dataset_fingerprint_is_the_checkpointed_one():
+  """In memory, the fingerprint is what checkpoints have always recorded: existing runs still resume."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  images = np.arange(3 * 4 * 4).reshape(3, 4, 4, 1).astype(np.uint8)
+  assert ip.ArrayDataset(images, None, 10).fingerprint == {
+      'num_examples': 3, 'shape': [4, 4, 1], 'sha256': hashlib.sha256(images.tobytes()).hexdigest()}
 
 
 # ------------------------------------------------------------ scaling round.
@@ -236,3 +254,41 @@ def test_real_fashion_mnist(tmp_path):
   auto = ip.load_images(_config(name='fashion_mnist',
                                 data_dir=str(tmp_path)), 'test')
   np.testing.assert_array_equal(auto, test)
+
+
+# -------------------------------------------------------------- load_dataset.
+def test_load_dataset_in_memory_is_the_whole_split(tmp_path):
+  train, _ = _make_idx_dir(tmp_path / 'idx')
+  cfg = _config(source='local', manual_dir=str(tmp_path / 'idx'))
+  data = ip.load_dataset(cfg, 'train', with_labels=True)
+  assert (data.num_examples, data.image_shape, data.num_classes) == (6, (28, 28, 1), 10)
+  images, labels = data.get(np.arange(6))
+  np.testing.assert_array_equal(images, train)
+  assert labels.dtype == np.int32 and labels.shape == (6,)
+  assert data.fingerprint == ip.array_fingerprint(train)
+  # 'stream' keeps the small MNIST family in memory: same data, same fingerprint.
+  cfg.storage = 'stream'
+  assert ip.load_dataset(cfg, 'train').fingerprint == data.fingerprint
+
+
+def test_load_dataset_reads_through_load_images(tmp_path, monkeypatch):
+  """Substituting input_pipeline.load_images (as tests of the training loop do) changes what load_dataset serves."""
+  train, _ = _make_idx_dir(tmp_path / 'idx')
+  cfg = _config(source='local', manual_dir=str(tmp_path / 'idx'))
+  load = ip.load_images
+  monkeypatch.setattr(ip, 'load_images', lambda *a: load(*a)[::-1])
+  np.testing.assert_array_equal(ip.load_dataset(cfg, 'train').get(np.arange(6))[0], train[::-1])
+
+
+def test_labels_missing_is_a_clear_error(tmp_path):
+  _make_idx_dir(tmp_path / 'idx')
+  os.remove(tmp_path / 'idx' / 'train-labels-idx1-ubyte.gz')
+  cfg = _config(source='auto', manual_dir=str(tmp_path / 'idx'))
+  assert ip.load_dataset(cfg, 'train').num_examples == 6  # Unconditional: labels not needed.
+  with pytest.raises(ip.DataUnavailableError, match=r'train-labels-idx1-ubyte\[\.gz\].*class_conditional'):
+    ip.load_dataset(cfg, 'train', with_labels=True)
+
+
+def test_unknown_storage():
+  with pytest.raises(ValueError, match=r"data\.storage must be 'memory' or 'stream'"):
+    ip.load_dataset(_config(storage='disk'), 'train')

@@ -1,21 +1,31 @@
-"""A compact DDPM++-style UNet (Linen) for the raw network F(c_in x, c_noise).
+"""A DDPM++/ADM-style UNet (Linen) for the raw network F(c_in x, c_noise[, label]).
 
 The consistency / EDM preconditioning lives in cm_jax/karras.py; this module only maps
-(x_in_BHWC, c_noise_B) to an output of the same shape as x_in.
+(x_in_BHWC, c_noise_B, labels_B) to an output of the same shape as x_in.
+
+Precision: parameters are always float32; every layer computes in `dtype` (float32 or bfloat16). The noise
+embedding's sin/cos features are computed in float32, GroupNorm statistics are float32 whatever `dtype` (flax
+promotes its reductions and normalisation to float32 and casts only the result), the attention softmax runs in
+float32, and the output is cast back to float32.
+With head_channels = 0, scale_shift, resblock_updown and class_conditional off, the parameter tree and the
+outputs are those of the original cm_jax UNet, so older checkpoints load unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+Dtype = Any
+SQRT2 = float(np.sqrt(2.0))  # A Python float: weakly typed, so bf16 activations stay bf16.
+
 
 class FourierEmbedding(nn.Module):
-  """Random Fourier features of c_noise with a fixed (non-trainable) frequency matrix.
+  """Random Fourier features of c_noise with a fixed (non-trainable) frequency matrix, in float32.
 
   Frequencies ~ N(0, scale^2): scale 16 in the official CM code, 0.02 in iCT.
   """
@@ -23,59 +33,91 @@ class FourierEmbedding(nn.Module):
   scale: float
 
   @nn.compact
-  def __call__(self, c_noise_B):
+  def __call__(self, c_noise_B: jax.Array) -> jax.Array:
     # Stored as a parameter (so it is checkpointed with the model) but never trained.
-    w = jax.lax.stop_gradient(self.param('freqs', nn.initializers.normal(stddev=self.scale), (self.dim // 2,)))
-    proj_BD = c_noise_B[:, None] * w[None, :] * 2 * np.pi
+    w_D = jax.lax.stop_gradient(self.param('freqs', nn.initializers.normal(stddev=self.scale), (self.dim // 2,)))
+    proj_BD = c_noise_B.astype(jnp.float32)[:, None] * w_D[None, :] * 2 * np.pi
     return jnp.concatenate([jnp.sin(proj_BD), jnp.cos(proj_BD)], axis=-1)
 
 
 class PositionalEmbedding(nn.Module):
-  """Transformer-style sinusoidal embedding of scale * c_noise (scale 1000 as in the PyTorch CM code)."""
+  """Transformer-style sinusoidal embedding of scale * c_noise (scale 1000 as in the PyTorch CM code), float32."""
   dim: int
   scale: float
   max_period: float = 10000.0
 
   @nn.compact
-  def __call__(self, c_noise_B):
+  def __call__(self, c_noise_B: jax.Array) -> jax.Array:
     half = self.dim // 2
-    freqs = jnp.exp(-np.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args_BD = (self.scale * c_noise_B)[:, None] * freqs[None, :]
+    freqs_D = jnp.exp(-np.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args_BD = (self.scale * c_noise_B.astype(jnp.float32))[:, None] * freqs_D[None, :]
     return jnp.concatenate([jnp.cos(args_BD), jnp.sin(args_BD)], axis=-1)
 
 
+def downsample_2x(x_BHWC: jax.Array) -> jax.Array:
+  """2x2 average pooling."""
+  b, h, w, c = x_BHWC.shape
+  return x_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample_2x(x_BHWC: jax.Array) -> jax.Array:
+  """Nearest-neighbour 2x upsampling."""
+  return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+
+
+RESAMPLERS = {'none': lambda x: x, 'down': downsample_2x, 'up': upsample_2x}
+
+
 class ResBlock(nn.Module):
+  """GroupNorm-SiLU-Conv twice, with the embedding added (or, scale_shift, scaling and shifting the second norm).
+
+  resample 'down' / 'up' average-pools / nearest-upsamples both branches by 2 after the first norm (BigGAN, ADM).
+  """
   out_ch: int
   num_groups: int
   dropout: float
+  scale_shift: bool = False
+  resample: str = 'none'
+  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC, temb_BD, train: bool):
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups)(x_BHWC))
-    h = nn.Conv(self.out_ch, (3, 3))(h)
-    h = h + nn.Dense(self.out_ch)(nn.silu(temb_BD))[:, None, None, :]
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups)(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform'))(h)
+  def __call__(self, x_BHWC: jax.Array, temb_BD: jax.Array, train: bool) -> jax.Array:
+    resample = RESAMPLERS[self.resample]
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x_BHWC))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(resample(h))
+    x_BHWC = resample(x_BHWC)
+    emb_BE = nn.Dense(2 * self.out_ch if self.scale_shift else self.out_ch, dtype=self.dtype)(nn.silu(temb_BD))
+    h_norm = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)
+    if self.scale_shift:
+      scale_BC, shift_BC = jnp.split(emb_BE[:, None, None, :], 2, axis=-1)
+      h = h_norm(h) * (1 + scale_BC) + shift_BC
+    else:
+      h = h_norm(h + emb_BE[:, None, None, :])
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform'),
+                dtype=self.dtype)(h)
     if x_BHWC.shape[-1] != self.out_ch:
-      x_BHWC = nn.Conv(self.out_ch, (1, 1))(x_BHWC)
-    return (x_BHWC + h) / np.sqrt(2.0)
+      x_BHWC = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype)(x_BHWC)
+    return (x_BHWC + h) / SQRT2
 
 
 class AttnBlock(nn.Module):
+  """Self-attention over all positions, residual, scaled by 1/sqrt(2)."""
   num_groups: int
   num_heads: int = 1
+  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC):
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     b, hgt, wid, c = x_BHWC.shape
-    h = nn.GroupNorm(num_groups=self.num_groups)(x_BHWC).reshape(b, hgt * wid, c)
-    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=c, out_features=c)(h)
-    return (x_BHWC + h.reshape(b, hgt, wid, c)) / np.sqrt(2.0)
+    h_BLC = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x_BHWC).reshape(b, hgt * wid, c)
+    h_BLC = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=c, out_features=c,
+                                            dtype=self.dtype, force_fp32_for_softmax=True)(h_BLC)
+    return (x_BHWC + h_BLC.reshape(b, hgt, wid, c).astype(x_BHWC.dtype)) / SQRT2
 
 
 class UNet(nn.Module):
-  """UNet sized by config.model (see configs/default.py for every field)."""
+  """UNet sized by config.model (see configs/default.py for every field); `dtype` is the compute dtype."""
   ch: int = 64
   ch_mult: Sequence[int] = (1, 2, 2)
   num_res_blocks: int = 2
@@ -85,45 +127,87 @@ class UNet(nn.Module):
   embedding: str = 'fourier'
   fourier_scale: float = 16.0
   positional_scale: float = 1000.0
+  head_channels: int = 0
+  scale_shift: bool = False
+  resblock_updown: bool = False
+  class_conditional: bool = False
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+
+  def _check(self, x_BHWC: jax.Array, labels_B: Optional[jax.Array]) -> None:
+    if self.class_conditional:
+      if self.num_classes < 2:
+        raise ValueError(f'config.model.num_classes = {self.num_classes}: a class-conditional model needs >= 2.')
+      if labels_B is None:
+        raise ValueError('this model is class-conditional (config.model.class_conditional): pass labels_B, '
+                         'int class labels of shape (batch,).')
+      if labels_B.shape != x_BHWC.shape[:1]:
+        raise ValueError(f'labels_B has shape {labels_B.shape}; expected ({x_BHWC.shape[0]},).')
+    elif labels_B is not None:
+      raise ValueError('this model is unconditional (config.model.class_conditional = False): labels_B must be '
+                       'None.')
+    if self.head_channels < 0:
+      raise ValueError(f'config.model.head_channels = {self.head_channels} must be >= 0.')
+
+  def _num_heads(self, channels: int) -> int:
+    if self.head_channels == 0:
+      return 1
+    if channels % self.head_channels:
+      raise ValueError(f'config.model.head_channels = {self.head_channels} does not divide the {channels} '
+                       'channels of an attention layer.')
+    return channels // self.head_channels
 
   @nn.compact
-  def __call__(self, x_BHWC, c_noise_B, train: bool = False):
+  def __call__(self, x_BHWC: jax.Array, c_noise_B: jax.Array, labels_B: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    self._check(x_BHWC, labels_B)
     embedders = {
         'fourier': lambda: FourierEmbedding(self.ch, self.fourier_scale),
         'positional': lambda: PositionalEmbedding(self.ch, self.positional_scale),
     }
-    temb = embedders[self.embedding]()(c_noise_B)
-    temb = nn.Dense(4 * self.ch)(temb)
-    temb = nn.Dense(4 * self.ch)(nn.silu(temb))
+    temb_BE = embedders[self.embedding]()(c_noise_B)
+    temb_BE = nn.Dense(4 * self.ch, dtype=self.dtype)(temb_BE)
+    temb_BE = nn.Dense(4 * self.ch, dtype=self.dtype)(nn.silu(temb_BE))
+    if self.class_conditional:
+      temb_BE = temb_BE + nn.Embed(self.num_classes, 4 * self.ch, dtype=self.dtype, name='class_embed')(labels_B)
 
-    def res(h, ch):
-      return ResBlock(ch, self.num_groups, self.dropout)(h, temb, train)
+    def res(h, ch, resample='none'):
+      return ResBlock(ch, self.num_groups, self.dropout, self.scale_shift, resample, self.dtype)(h, temb_BE, train)
 
-    h = nn.Conv(self.ch, (3, 3))(x_BHWC)
+    def attn(h):
+      return AttnBlock(self.num_groups, self._num_heads(h.shape[-1]), self.dtype)(h)
+
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(x_BHWC.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = res(h, self.ch * mult)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(self.num_groups)(h)
+          h = attn(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+        if self.resblock_updown:
+          h = res(h, h.shape[-1], 'down')
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype)(h)
         skips.append(h)
 
     h = res(h, h.shape[-1])
-    h = AttnBlock(self.num_groups)(h)
+    h = attn(h)
     h = res(h, h.shape[-1])
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
         h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.ch * mult)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(self.num_groups)(h)
+          h = attn(h)
       if level != 0:
-        b, hgt, wid, c = h.shape
-        h = nn.Conv(c, (3, 3))(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+        if self.resblock_updown:
+          h = res(h, h.shape[-1], 'up')
+        else:
+          h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype)(upsample_2x(h))
     assert not skips
 
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups)(h))
-    return nn.Conv(x_BHWC.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
+    out = nn.Conv(x_BHWC.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+    return out.astype(jnp.float32)

@@ -1,0 +1,8 @@
+"""Per-source data readers behind cm_jax.input_pipeline (the one module the rest of cm_jax calls).
+
+dataset.py       the Dataset interface (num_examples, image_shape, num_classes, fingerprint, get), in-memory arrays
+idx.py           MNIST-family IDX files
+tfds_source.py   TFDS: prepared-data checks, offline-safe downloads, whole splits, ArrayRecord random access
+image_folder.py  a directory of class subdirectories of JPEG/PNG files (optional JSON class map)
+transforms.py    centre crop to a square and resize (area-averaged down, bicubic up)
+"""

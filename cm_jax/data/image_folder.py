@@ -1,0 +1,199 @@
+"""A directory of class subdirectories of JPEG/PNG images of any size (data.name = 'image_folder').
+
+Labels: one class per subdirectory in sorted folder-name order; or, with a class map (a JSON file {folder name:
+label}), only the named folders, with those labels (several folders may share a label: superclasses such as
+ImageNet-9 from an ImageNet train folder). Each class folder is searched recursively; files without a
+.jpg/.jpeg/.png extension and hidden entries (names starting with '.') are ignored, and files are listed in
+sorted order. Every image is converted to RGB (grayscale, RGBA, palette), centre-cropped to a square and resized.
+There is only a 'train' split.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+from cm_jax.data import transforms
+from cm_jax.data.dataset import DataUnavailableError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+SPLITS = ('train',)
+_MAX_THREADS = 16
+_LOG_EVERY_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """The image files of a folder and their labels (no pixels read)."""
+  root: str
+  files: tuple[str, ...]  # Paths relative to root, class folders in sorted order, files sorted within each.
+  labels: np.ndarray  # int32 (N,).
+  num_classes: int
+  sha256: str  # Of the (relative path, byte size, label) list and the class map: identifies the data cheaply.
+
+  def path(self, i: int) -> str:
+    return os.path.join(self.root, self.files[i])
+
+
+def check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"An image folder has only the 'train' split, not {split!r}: evaluate against it with "
+                     "--config.evaluation.reference_split=train.")
+
+
+def _root(manual_dir: Optional[str]) -> str:
+  fix = ('set --config.data.manual_dir=DIR to a directory of class subdirectories holding JPEG/PNG images '
+         '(DIR/<class>/*.jpg)')
+  if not manual_dir:
+    raise DataUnavailableError(f"data.name = 'image_folder' needs data.manual_dir: {fix}.")
+  if not os.path.exists(manual_dir):
+    raise DataUnavailableError(f'data.manual_dir = {manual_dir} does not exist: {fix}.')
+  if not os.path.isdir(manual_dir):
+    raise DataUnavailableError(f'data.manual_dir = {manual_dir} is not a directory: {fix}.')
+  return manual_dir
+
+
+def _subdirectories(root: str) -> list[str]:
+  names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+  if not names:
+    loose = any(n.lower().endswith(IMAGE_EXTENSIONS) for n in os.listdir(root))
+    raise ValueError(f'data.manual_dir = {root} has no class subdirectories' +
+                     (' (its images lie directly in it)' if loose else '') +
+                     f': put the images in one folder per class, e.g. {os.path.join(root, "<class>", "x.jpg")}.')
+  return names
+
+
+def _read_class_map(path: str) -> dict[str, int]:
+  if not os.path.isfile(path):
+    raise DataUnavailableError(f'data.class_map = {path} is not a file: set it to a JSON file {{folder: label}} '
+                               'or leave it unset (one class per folder).')
+  try:
+    with open(path) as f:
+      mapping = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'data.class_map = {path} is not valid JSON ({e}); it must be an object such as '
+                     '{"n01440764": 0, "n02102040": 1}.') from e
+  bad = (['(not an object)'] if not isinstance(mapping, dict) else
+         [f'{k!r}: {v!r}' for k, v in mapping.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0])
+  if bad or not mapping:
+    raise ValueError(f'data.class_map = {path} must be a non-empty JSON object {{folder name: non-negative integer '
+                     f'label}}; bad entries: {", ".join(bad[:10]) or "(empty)"}.')
+  return mapping
+
+
+def class_labels(manual_dir: Optional[str], class_map: Optional[str]) -> dict[str, int]:
+  """{class folder: label} of the folders used, reading no image (cheap)."""
+  root = _root(manual_dir)
+  folders = _subdirectories(root)
+  if not class_map:
+    return {name: i for i, name in enumerate(folders)}
+  mapping = _read_class_map(class_map)
+  missing = sorted(set(mapping) - set(folders))
+  if missing:
+    raise ValueError(f'data.class_map = {class_map} names folders that are not in {root}: {missing[:20]}'
+                     f'{" ..." if len(missing) > 20 else ""}; fix the map or data.manual_dir (folders there: '
+                     f'{folders[:10]}{" ..." if len(folders) > 10 else ""}).')
+  return {name: mapping[name] for name in sorted(mapping)}
+
+
+def num_classes(manual_dir: Optional[str], class_map: Optional[str]) -> int:
+  """max label + 1 (the number of folders without a class map)."""
+  return max(class_labels(manual_dir, class_map).values()) + 1
+
+
+def _images_under(directory: str) -> list[str]:
+  found = []
+  for parent, dirs, files in os.walk(directory, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    found.extend(os.path.join(parent, f) for f in sorted(files)
+                 if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS))
+  return found
+
+
+def list_folder(manual_dir: Optional[str], class_map: Optional[str]) -> Listing:
+  """The sorted image files of every class folder used, with their labels."""
+  labels_of = class_labels(manual_dir, class_map)
+  root = _root(manual_dir)
+  files, labels, records, empty = [], [], [], []
+  for name, label in labels_of.items():
+    found = _images_under(os.path.join(root, name))
+    if not found:
+      empty.append(name)
+    for path in found:
+      rel = os.path.relpath(path, root)
+      files.append(rel)
+      labels.append(label)
+      records.append((rel, os.path.getsize(path), label))
+  if not files:
+    raise ValueError(f'No JPEG/PNG images ({"/".join(IMAGE_EXTENSIONS)}) in the class folders of '
+                     f'data.manual_dir = {root}.')
+  if empty:
+    raise ValueError(f'Class folder(s) without JPEG/PNG images in {root}: {empty}; add images, delete the folders'
+                     + (', or leave them out of data.class_map.' if class_map else '.'))
+  mapping = _read_class_map(class_map) if class_map else None
+  digest = hashlib.sha256(json.dumps({'files': records, 'class_map': mapping}, sort_keys=True).encode())
+  logging.info('Image folder %s: %d images in %d folders, %d classes.', root, len(files), len(labels_of),
+               max(labels_of.values()) + 1)
+  return Listing(root, tuple(files), np.asarray(labels, np.int32), max(labels_of.values()) + 1, digest.hexdigest())
+
+
+def decode(path: str, size: int) -> np.ndarray:
+  """uint8 (size, size, 3) of an image file; ValueError naming the file if PIL cannot read it."""
+  try:
+    with Image.open(path) as image:
+      rgb = transforms.to_rgb_array(image)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e}); replace or delete the file.') from e
+  return transforms.center_crop_resize(rgb, size)
+
+
+def _threads() -> int:
+  return max(1, min(_MAX_THREADS, os.cpu_count() or 1))
+
+
+def load_arrays(listing: Listing, size: int, with_labels: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Every image decoded into memory (a thread pool; progress logged every few seconds)."""
+  n = len(listing.files)
+  images = np.zeros((n, size, size, 3), np.uint8)
+  t0 = last_log = time.time()
+  with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
+    for i, image in enumerate(pool.map(lambda k: decode(listing.path(k), size), range(n))):
+      images[i] = image
+      if time.time() - last_log > _LOG_EVERY_S:
+        logging.info('Decoded %d/%d images of %s (%.0f s).', i + 1, n, listing.root, time.time() - t0)
+        last_log = time.time()
+  logging.info('Decoded %d images of %s to %dx%d in %.1f s.', n, listing.root, size, size, time.time() - t0)
+  return images, (listing.labels.copy() if with_labels else None)
+
+
+class FolderStreamDataset:
+  """The images of a folder decoded on demand, row by row (data.storage = 'stream')."""
+
+  def __init__(self, listing: Listing, size: int, with_labels: bool):
+    self._listing, self._size, self._with_labels = listing, size, with_labels
+    self.num_examples = len(listing.files)
+    self.image_shape = (size, size, 3)
+    self.num_classes = listing.num_classes
+    self.fingerprint = {'num_examples': self.num_examples, 'shape': list(self.image_shape),
+                        'source': 'image_folder', 'files_sha256': listing.sha256}
+    self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._lock = threading.Lock()
+
+  def get(self, indices: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    with self._lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix='image_folder')
+    decoded = list(self._pool.map(lambda k: decode(self._listing.path(int(k)), self._size), idx))
+    images = np.stack(decoded) if decoded else np.zeros((0,) + self.image_shape, np.uint8)
+    return images, (self._listing.labels[idx] if self._with_labels else None)

@@ -1,0 +1,70 @@
+"""Class-conditional EDM teacher on ImageNet 64x64: the teacher of configs/imagenet64_cd.py.
+
+    python -m cm_jax.train --config=configs/imagenet64_edm.py --workdir=TEACHER
+
+Network: 295,899,363 parameters (benchmarks/param_counts.py, jax.eval_shape), the ADM ImageNet-64 UNet of
+CM's launch lines (openai/consistency_models scripts/launch.sh): ch 192, ch_mult (1, 2, 3, 4), 3 residual
+blocks per level, attention at 32, 16 and 8 with 64-channel heads, scale-shift GroupNorm (32 groups),
+residual down/upsampling, a learned embedding of the 1000 classes added to the time embedding. EDM's paper
+gives ~296M for this network as we read it (with ADM's 6 output channels; cm_jax outputs 3). Fourier embedding
+at 0.02 where ADM uses positional features: cm_jax's choice, as for CIFAR-10.
+Recipe (CM's `edm_train.py` launch line): EDM loss (lognormal sigma, Karras weighting), Adam lr 1e-4, dropout
+0.1, global batch 4096, sampling EMAs 0.9999432 / 0.9999 / 0.999, mixed precision (fp16 there; bfloat16 here);
+EDM Heun with 40 steps (79 network calls) as CM's sampling line. The launch line gives no length; 600k steps is
+cm_jax's choice near EDM's own ImageNet-64 run (2500M images, ~610k steps at batch 4096, as we read EDM's
+README). Random flips: cm_jax's choice (we did not verify what ADM's loader does for this run).
+Data: TFDS imagenet_resized/64x64 read from disk per step (data.storage 'stream'; ~16 GB decoded).
+Evaluation: Inception FID of 50,000 samples against the training set (reference_split 'train', as ADM's
+reference statistics); not run during training (the 1.28M-image reference is expensive): use cm_jax.evaluate.
+Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'imagenet64'
+  config.data.image_size = 0              # 64x64, the dataset's own.
+  config.data.storage = 'stream'
+  config.data.random_flip = True
+
+  model = config.model
+  model.ch = 192
+  model.ch_mult = (1, 2, 3, 4)
+  model.num_res_blocks = 3
+  model.attn_resolutions = (32, 16, 8)
+  model.head_channels = 64
+  model.scale_shift = True
+  model.resblock_updown = True
+  model.num_groups = 32
+  model.dropout = 0.1
+  model.embedding = 'fourier'
+  model.fourier_scale = 0.02
+  model.class_conditional = True
+  model.num_classes = 1000
+
+  config.loss.name = 'edm'
+  config.loss.edm_p_mean = -1.2
+  config.loss.edm_p_std = 1.2
+  config.optim.name = 'adam'
+  config.optim.lr = 1e-4
+  config.optim.warmup_steps = 0
+
+  training = config.training
+  training.batch_size = 4096
+  training.num_steps = 600_000
+  training.ema_rates = (0.9999432189950708, 0.9999, 0.999)
+  training.precision = 'bfloat16'
+  training.log_every = 100
+  training.checkpoint_every = 5_000
+  training.keep_every = 50_000
+  training.eval_every = 5_000
+
+  config.sampling.diffusion_solver = 'heun'
+  config.sampling.diffusion_steps = 40
+  evaluation = config.evaluation
+  evaluation.feature_net = 'inception'
+  evaluation.reference_split = 'train'
+  evaluation.every = 0
+  return config

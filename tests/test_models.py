@@ -1,0 +1,216 @@
+"""The UNet: checkpoint compatibility, class conditioning, mixed precision, ADM options, paper-config sizes.
+
+Forward passes use deterministic, non-zero parameters built from eval_shape (no init compile; the zero-init
+output layer of a fresh network would hide everything).
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm_jax import models
+from configs import default
+from configs import test as test_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO_ROOT, 'tests', 'models_golden.npz')
+
+
+def _param_counts_module():
+  spec = importlib.util.spec_from_file_location('param_counts', os.path.join(REPO_ROOT, 'benchmarks',
+                                                                            'param_counts.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+param_counts = _param_counts_module()
+
+
+def fake_params(shapes):
+  """Deterministic float32 parameters for a tree of ShapeDtypeStructs: a sine wave per leaf, ~1/sqrt(fan-in)."""
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  out = []
+  for i, leaf in enumerate(leaves):
+    wave = np.sin(1.0 + 0.37 * np.arange(leaf.size) + i).reshape(leaf.shape)
+    out.append((wave / np.sqrt(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 0.1 * wave).astype(np.float32))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def param_shapes(model, x_BHWC, labels_B=None):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x_BHWC, jnp.zeros(x_BHWC.shape[:1]),
+                        labels_B=labels_B)['params']
+
+
+def num_params(shapes) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def tiny_model_config(**overrides):
+  mc = default.get_config().model
+  mc.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_groups=4,
+            fourier_scale=16.0)
+  mc.update(**overrides)
+  return mc
+
+
+def apply_fn(model):
+  return jax.jit(lambda p, x, c, labels: model.apply({'params': p}, x, c, labels_B=labels))
+
+
+X_B883 = jnp.asarray(np.sin(np.arange(3 * 8 * 8 * 3) * 0.3).reshape(3, 8, 8, 3), jnp.float32)
+C_NOISE_B = jnp.array([-1.0, 0.2, 0.9])
+
+
+# ----------------------------------------------------------------------------- Checkpoint compatibility.
+@pytest.mark.parametrize('name,config', [('default', default.get_config()), ('test', test_config.get_config())])
+def test_models_with_new_fields_at_defaults_keep_the_old_parameter_tree_and_outputs(name, config):
+  """Golden file recorded from the UNet before head_channels/scale_shift/resblock_updown/class_conditional."""
+  golden = np.load(GOLDEN)
+  model = models.create_model(config.model)
+  x_BHWC = (0.8 * np.sin(np.arange(2 * 28 * 28) * 0.1)).reshape(2, 28, 28, 1).astype(np.float32)
+  c_noise_B = np.array([-1.2, 0.7], np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x_BHWC, c_noise_B)['params']
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  tree = {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in leaves}
+  assert tree == json.loads(golden[f'{name}/tree'].tobytes()), 'parameter paths or shapes changed: checkpoints break'
+  params = fake_params(shapes)
+  out_eval = jax.jit(model.apply)({'params': params}, x_BHWC, c_noise_B)
+  out_train = jax.jit(lambda p, r: model.apply({'params': p}, x_BHWC, c_noise_B, train=True, rngs={'dropout': r}))(
+      params, jax.random.PRNGKey(3))
+  message = ('the network computes something else than before issue 9 (if only XLA or the PRNG changed, regenerate '
+             'the golden file from the old module)')
+  np.testing.assert_array_equal(np.asarray(out_eval), golden[f'{name}/eval'], err_msg=message)
+  np.testing.assert_array_equal(np.asarray(out_train), golden[f'{name}/train'], err_msg=message)
+
+
+# ----------------------------------------------------------------------------- Class conditioning.
+def test_class_labels_reach_the_network_and_act_per_example():
+  model = models.create_model(tiny_model_config(class_conditional=True, num_classes=5))
+  labels_B = jnp.array([0, 1, 4], jnp.int32)
+  shapes = param_shapes(model, X_B883, labels_B)
+  assert shapes['class_embed']['embedding'].shape == (5, 4 * 8)
+  params, apply = fake_params(shapes), apply_fn(model)
+
+  out_a = np.asarray(apply(params, X_B883, C_NOISE_B, labels_B))
+  out_b = np.asarray(apply(params, X_B883, C_NOISE_B, jnp.array([2, 1, 3], jnp.int32)))
+  # A changed label moves the output (outputs ~0.05 here; the same computation would differ by exactly 0).
+  assert np.abs(out_a[0] - out_b[0]).max() > 1e-5 and np.abs(out_a[2] - out_b[2]).max() > 1e-5
+  np.testing.assert_array_equal(out_a[1], out_b[1])  # Same label, same example: untouched by the others.
+
+  same_B = jnp.full((3,), 2, jnp.int32)
+  out_batch = np.asarray(apply(params, X_B883, C_NOISE_B, same_B))
+  out_reversed = np.asarray(apply(params, X_B883[::-1], C_NOISE_B[::-1], same_B))
+  np.testing.assert_allclose(out_batch, out_reversed[::-1], rtol=0, atol=1e-5)
+
+
+def test_labels_are_required_by_a_conditional_model_and_refused_by_an_unconditional_one():
+  conditional = models.create_model(tiny_model_config(class_conditional=True, num_classes=5))
+  with pytest.raises(ValueError, match='class-conditional'):
+    param_shapes(conditional, X_B883)
+  with pytest.raises(ValueError, match=r'labels_B has shape \(2,\)'):
+    param_shapes(conditional, X_B883, jnp.zeros((2,), jnp.int32))
+  unconditional = models.create_model(tiny_model_config())
+  with pytest.raises(ValueError, match='this model is unconditional'):
+    param_shapes(unconditional, X_B883, jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match='num_classes'):
+    models.create_model(tiny_model_config(class_conditional=True, num_classes=1))
+
+
+# ----------------------------------------------------------------------------- Mixed precision.
+def test_compute_dtype_maps_the_precision_field():
+  assert models.compute_dtype('float32') == jnp.float32
+  assert models.compute_dtype('bfloat16') == jnp.bfloat16
+  with pytest.raises(ValueError, match=r'training\.precision'):
+    models.compute_dtype('float16')
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params_and_output_close_to_float32():
+  mc = tiny_model_config(class_conditional=True, num_classes=3, head_channels=8, scale_shift=True,
+                         resblock_updown=True)
+  labels_B = jnp.array([0, 1, 2], jnp.int32)
+  model_f32 = models.create_model(mc)
+  model_bf16 = models.create_model(mc, dtype=models.compute_dtype('bfloat16'))
+  shapes = param_shapes(model_bf16, X_B883, labels_B)
+  assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  assert jax.tree.structure(shapes) == jax.tree.structure(param_shapes(model_f32, X_B883, labels_B))
+  params = fake_params(shapes)
+
+  out_bf16, state = jax.jit(lambda p: model_bf16.apply({'params': p}, X_B883, C_NOISE_B, labels_B=labels_B,
+                                                       capture_intermediates=True))(params)
+  out_f32 = apply_fn(model_f32)(params, X_B883, C_NOISE_B, labels_B)
+  assert out_bf16.dtype == jnp.float32
+  inner = state['intermediates']
+  assert inner['Conv_0']['__call__'][0].dtype == jnp.bfloat16
+  assert inner['ResBlock_0']['GroupNorm_0']['__call__'][0].dtype == jnp.bfloat16
+  assert inner['AttnBlock_0']['MultiHeadDotProductAttention_0']['__call__'][0].dtype == jnp.bfloat16
+  assert inner['class_embed']['__call__'][0].dtype == jnp.bfloat16
+  assert inner['FourierEmbedding_0']['__call__'][0].dtype == jnp.float32
+  rel_err = float(jnp.linalg.norm(out_bf16 - out_f32) / jnp.linalg.norm(out_f32))
+  assert 0 < rel_err < 0.05, rel_err  # ~0.01 here: bf16 keeps 8 bits of mantissa.
+
+
+# ----------------------------------------------------------------------------- ADM options.
+def test_head_channels_split_attention_into_heads_without_changing_the_parameter_count():
+  base = param_shapes(models.create_model(tiny_model_config()), X_B883)
+  heads = param_shapes(models.create_model(tiny_model_config(head_channels=4)), X_B883)
+  # Attention at 4x4 (16 channels) and in the middle (16 channels): 4 heads of 4 channels.
+  assert base['AttnBlock_0']['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (16, 1, 16)
+  assert heads['AttnBlock_0']['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (16, 4, 4)
+  assert num_params(heads) == num_params(base)
+  out = apply_fn(models.create_model(tiny_model_config(head_channels=4)))(fake_params(heads), X_B883, C_NOISE_B,
+                                                                          None)
+  assert out.shape == X_B883.shape and bool(jnp.all(jnp.isfinite(out)))
+  with pytest.raises(ValueError, match='head_channels = 6 does not divide'):
+    param_shapes(models.create_model(tiny_model_config(head_channels=6)), X_B883)
+
+
+def test_scale_shift_doubles_each_residual_blocks_embedding_projection():
+  base = param_shapes(models.create_model(tiny_model_config()), X_B883)
+  shifted = param_shapes(models.create_model(tiny_model_config(scale_shift=True)), X_B883)
+  assert jax.tree.structure(base) == jax.tree.structure(shifted)
+  blocks = [name for name in base if name.startswith('ResBlock_')]
+  extra = 0
+  for name in blocks:
+    emb_dim, out_ch = base[name]['Dense_0']['kernel'].shape
+    assert shifted[name]['Dense_0']['kernel'].shape == (emb_dim, 2 * out_ch)
+    extra += (emb_dim + 1) * out_ch
+  assert num_params(shifted) == num_params(base) + extra
+  out = apply_fn(models.create_model(tiny_model_config(scale_shift=True)))(fake_params(shifted), X_B883, C_NOISE_B,
+                                                                           None)
+  assert out.shape == X_B883.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_resblock_updown_replaces_the_resampling_convolutions_with_residual_blocks():
+  base = param_shapes(models.create_model(tiny_model_config()), X_B883)
+  updown = param_shapes(models.create_model(tiny_model_config(resblock_updown=True)), X_B883)
+  top_convs = lambda tree: sorted(name for name in tree if name.startswith('Conv_'))
+  assert top_convs(base) == ['Conv_0', 'Conv_1', 'Conv_2', 'Conv_3']  # In, down, up, out.
+  assert top_convs(updown) == ['Conv_0', 'Conv_1']                    # In, out.
+  num_blocks = lambda tree: sum(name.startswith('ResBlock_') for name in tree)
+  assert num_blocks(updown) == num_blocks(base) + 2
+  # Per resampling: a residual block c -> c (two 3x3 convs, two norms, the embedding projection from 4 ch = 32)
+  # instead of one 3x3 conv: 9 c^2 + 32 c + 6 c more parameters; down at c = 8, up at c = 16.
+  extra = sum(9 * c * c + 32 * c + 6 * c for c in (8, 16))
+  assert num_params(updown) == num_params(base) + extra
+  model = models.create_model(tiny_model_config(resblock_updown=True))
+  out = apply_fn(model)(fake_params(updown), X_B883, C_NOISE_B, None)
+  assert out.shape == X_B883.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+# ----------------------------------------------------------------------------- Paper configs.
+@pytest.mark.parametrize('path', param_counts.PAPER_CONFIGS)
+def test_every_paper_config_builds_its_model_under_eval_shape(path):
+  config = param_counts.load_config(path)
+  count = param_counts.count_params(config)
+  assert count > 1_000_000
+  if path == 'configs/cifar10_ct.py':
+    assert 50e6 <= count <= 62e6, f'{count} parameters; iCT/NCSN++ is ~56M'
+  if path.startswith('configs/imagenet64_'):
+    assert config.model.class_conditional and config.model.num_classes == 1000
