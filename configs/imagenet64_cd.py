@@ -6,8 +6,7 @@ configs/imagenet64_edm.py's teacher.
 Network: the teacher's ADM UNet, 295,899,363 parameters (benchmarks/param_counts.py), class-conditional on
 the 1000 classes; the student starts from the teacher's weights (teacher.init_student), so config.model must
 equal the teacher's except dropout.
-Recipe (CM's L_CD^N (l2) launch line, openai/consistency_models scripts/launch.sh; lr 8e-6 is also what our
-task notes cite from CM's Table 3):
+Recipe (CM's L_CD^N (l2) launch line, openai/consistency_models scripts/launch.sh):
 fixed N = 40, n uniform, Heun teacher steps, target EMA mu = 0.95 constant, uniform weighting, RAdam lr 8e-6
 without warm-up or decay, dropout 0 (the teacher's 0.1 is off in the student), global batch 2048, 600k steps,
 sampling EMAs 0.9999432 / 0.9999 / 0.999, mixed precision (fp16 there, bfloat16 here). Two-step sampling at

@@ -10,8 +10,8 @@ s1 = 200; adaptive target EMA with mu0 = 0.95, computed from N(k) - 1 as that co
 decay; dropout 0; global batch 2048; 800k steps; sampling EMAs 0.9999432 / 0.9999 / 0.999; mixed precision
 (fp16 there, bfloat16 here). Two-step sampling at sigma = 1.913 (index 106 of the final 201-point grid, CM's
 `--ts 0,106,200`).
-Uncertain: CM's Table 3 may list a different learning rate (8e-6, the CD value) and our task notes suggested
-dropout 0.1; the launch line, which we follow, says lr 1e-4 and dropout 0.0 (0.1 is its teacher's dropout).
+Uncertain: CM's Table 3 may list a different learning rate (8e-6, the CD value) and dropout (0.1); the launch
+line, which we follow, says lr 1e-4 and dropout 0.0 (0.1 is its teacher's dropout).
 Differences from CM: l2 instead of LPIPS (LPIPS leaks ImageNet features into the Inception FID; the paper's
 FID 13.0 used LPIPS), and random initialisation, as the paper describes (the launch line passes an EDM teacher
 checkpoint, which cm_jax's CT does not use).

@@ -38,6 +38,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('scale', 3, 'Nearest-neighbour upscaling of the PNGs, for viewing.')
   flags.DEFINE_string('ema', None, "Sampling EMA rate (default: the run's first), or 'online'.")
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_integer('class_label', None, 'Class-conditional models (required there): the class every edit '
+                       'is conditioned on.')
 
 
 def strokes(clean_uint8: np.ndarray, block: int, levels: int) -> np.ndarray:
@@ -99,7 +101,8 @@ def main(argv):
           f'model makes {c}-channel (grayscale) images.')
   panels = []
   for name, task, images, options, label in jobs:
-    arrays = edit.run_task(model, task, images, seed=FLAGS.seed, num=FLAGS.num, **options)
+    arrays = edit.run_task(model, task, images, seed=FLAGS.seed, num=FLAGS.num, class_label=FLAGS.class_label,
+                           **options)
     os.makedirs(FLAGS.out, exist_ok=True)
     npz = os.path.join(FLAGS.out, f'{name}.npz')
     np.savez(npz, **arrays)

@@ -61,7 +61,7 @@ def fake_f64(params, x, sigma_b):
 # --------------------------------------------------------------------------------------------------
 # Fake denoisers with the Denoiser call signature denoiser(params, x, sigma, dropout_rng)
 # --------------------------------------------------------------------------------------------------
-def tanh_denoiser(params, x, sigma, dropout_rng=None):
+def tanh_denoiser(params, x, sigma, dropout_rng=None, labels_B=None):
   """Tiny linear-tanh network inside the library's preconditioning (as cm_jax.denoiser.Denoiser does)."""
   def net(x_in, c_noise):
     return jnp.tanh(params['w'] * x_in + params['b'] * c_noise[:, None, None, None])
@@ -98,7 +98,7 @@ def run_loss_recorded(settings, x0, step, rng, params=PARAMS, target_params=None
   while op-by-op executables are cached across tests (all tests use the same shapes for that reason)."""
   calls = []
 
-  def recording(p, x, sigma, dropout_rng=None):
+  def recording(p, x, sigma, dropout_rng=None, labels_B=None):
     calls.append(dict(x=x, sigma=sigma, rng=dropout_rng))
     return denoiser(p, x, sigma, dropout_rng)
 
@@ -272,7 +272,7 @@ def test_metrics_keys_and_num_points_under_jit():
     assert np.isfinite(float(loss))
 
 
-def _linear_denoiser(params, x, sigma, dropout_rng=None):
+def _linear_denoiser(params, x, sigma, dropout_rng=None, labels_B=None):
   """F(x_in) = w x_in, so f = (c_skip + c_out c_in w) x: df/dw = c_out c_in x."""
   return karras.precondition(lambda x_in, c: params['w'] * x_in, x, sigma, sigma_data=SD, sigma_min=EPS)
 
@@ -337,7 +337,7 @@ def test_target_params_copy_equals_none():
   assert float(loss_other) != float(loss_none)
 
 
-def _dropout_only_denoiser(params, x, sigma, dropout_rng=None):
+def _dropout_only_denoiser(params, x, sigma, dropout_rng=None, labels_B=None):
   """Output depends only on the dropout key (stand-in for a dropout mask): student == target iff keys match."""
   assert dropout_rng is not None, 'the CT loss must run the network in training mode (with a dropout rng)'
   return jax.random.normal(dropout_rng, x.shape, x.dtype) + 0.0 * params['w']
@@ -392,7 +392,7 @@ GMU, GS0 = 0.3, 0.5
 TEACHER_PARAMS = {'mu': jnp.float32(GMU)}
 
 
-def gaussian_teacher(teacher_params, x, sigma):
+def gaussian_teacher(teacher_params, x, sigma, labels_B=None):
   """Exact EDM denoiser of N(mu, GS0^2); mu comes from the params so that a gradient could reach them."""
   mu, s = teacher_params['mu'], sigma[:, None, None, None]
   return mu + GS0 ** 2 / (GS0 ** 2 + s ** 2) * (x - mu)
@@ -404,7 +404,7 @@ def gaussian_teacher64(x, t):
 
 def consistency_fn(s0):
   """The exact consistency function of the N(GMU, s0^2) PF-ODE, as a Denoiser (params ignored)."""
-  def f(params, x, sigma, dropout_rng=None):
+  def f(params, x, sigma, dropout_rng=None, labels_B=None):
     del params, dropout_rng
     s = sigma[:, None, None, None]
     return GMU + (x - GMU) * (math.sqrt(s0 ** 2 + EPS ** 2) / jnp.sqrt(s0 ** 2 + s ** 2))
@@ -437,11 +437,11 @@ def run_cd(settings, x0, rng, solver='heun', params=PARAMS, target_params=None, 
   """CD loss op by op, recording the inputs of every student/target call and every teacher call."""
   student_calls, teacher_calls = [], []
 
-  def rec_student(p, x, sigma, dropout_rng=None):
+  def rec_student(p, x, sigma, dropout_rng=None, labels_B=None):
     student_calls.append(dict(x=np.asarray(x, np.float64), sigma=np.asarray(sigma, np.float64)))
     return denoiser(p, x, sigma, dropout_rng)
 
-  def rec_teacher(tp, x, sigma):
+  def rec_teacher(tp, x, sigma, labels_B=None):
     teacher_calls.append(dict(x=np.asarray(x, np.float64), sigma=np.asarray(sigma, np.float64)))
     return gaussian_teacher(tp, x, sigma)
 
@@ -554,7 +554,7 @@ def test_cd_gradient_only_into_student():
 # --------------------------------------------------------------------------------------------------
 # edm_loss
 # --------------------------------------------------------------------------------------------------
-def edm_tanh_denoiser(params, x, sigma, dropout_rng=None):
+def edm_tanh_denoiser(params, x, sigma, dropout_rng=None, labels_B=None):
   """The tanh toy network inside the EDM preconditioning (sigma_min = 0)."""
   def net(x_in, c_noise):
     return jnp.tanh(params['w'] * x_in + params['b'] * c_noise[:, None, None, None])
@@ -592,11 +592,11 @@ def test_edm_loss_zero_for_exact_denoiser_of_point_mass():
   # Data = one constant image c: E[x0 | x_t] = c at every sigma, so a denoiser returning c has loss exactly 0.
   c = 0.37
   x0 = jnp.full((BATCH,) + IMAGE_SHAPE, c, jnp.float32)
-  exact = lambda params, x, sigma, dropout_rng=None: jnp.full_like(x, c)
+  exact = lambda params, x, sigma, dropout_rng=None, labels_B=None: jnp.full_like(x, c)
   loss, metrics = losses.edm_loss(PARAMS, None, x0, 0, jax.random.PRNGKey(42), denoiser=exact, p_mean=-1.2,
                                   p_std=1.2, sigma_data=SD)
   assert float(loss) == 0.0 and float(metrics['l2']) == 0.0
-  off = lambda params, x, sigma, dropout_rng=None: jnp.full_like(x, c + 0.1)
+  off = lambda params, x, sigma, dropout_rng=None, labels_B=None: jnp.full_like(x, c + 0.1)
   loss_off, _ = losses.edm_loss(PARAMS, None, x0, 0, jax.random.PRNGKey(42), denoiser=off, p_mean=-1.2,
                                 p_std=1.2, sigma_data=SD)
   assert float(loss_off) > 0.01 * 4  # weight >= 1/sd^2 = 4, squared error 0.01
@@ -607,7 +607,7 @@ def test_edm_loss_of_exact_gaussian_denoiser_is_one():
   and the EDM weight (s^2 + sd^2)/(s sd)^2 is exactly its inverse: every weighted pixel term has expectation 1
   at every sigma (the weighting's purpose). 2048 x 16 chi^2_1 terms: std of the mean 0.008; tolerance 0.05."""
   data = np.random.default_rng(43).normal(GMU, SD, size=(2048,) + IMAGE_SHAPE)
-  def exact(params, x, sigma, dropout_rng=None):
+  def exact(params, x, sigma, dropout_rng=None, labels_B=None):
     return GMU + SD ** 2 / (SD ** 2 + sigma[:, None, None, None] ** 2) * (x - GMU)
   loss, _ = losses.edm_loss(None, None, jnp.asarray(data, jnp.float32), 0, jax.random.PRNGKey(44),
                             denoiser=exact, p_mean=-1.2, p_std=1.2, sigma_data=SD)
@@ -633,7 +633,7 @@ def replicate_ect_draws(rng, x0, stage, p_mean=-1.1, p_std=2.0):
 def run_ect(settings, x0, step, rng, params=PARAMS, denoiser=tanh_denoiser):
   calls = []
 
-  def recording(p, x, sigma, dropout_rng=None):
+  def recording(p, x, sigma, dropout_rng=None, labels_B=None):
     calls.append(dict(x=np.asarray(x, np.float64), sigma=np.asarray(sigma, np.float64),
                       rng=np.asarray(dropout_rng)))
     return denoiser(p, x, sigma, dropout_rng)
@@ -757,7 +757,7 @@ def test_make_loss_passes_teacher_solver_to_the_cd_loss(solver, calls):
   """config.teacher.solver reaches the loss: the teacher is called twice per step (Heun) or once (Euler)."""
   teacher_calls = []
 
-  def counting_teacher(tp, x, sigma):
+  def counting_teacher(tp, x, sigma, labels_B=None):
     teacher_calls.append(sigma)
     return gaussian_teacher(tp, x, sigma)
 
@@ -814,3 +814,31 @@ def test_l2_norm_distance_setting():
   settings = losses.make_ct_settings(make_config(distance='l2_norm'), IMAGE_SHAPE)
   a = jnp.zeros((1,) + IMAGE_SHAPE).at[0, 0, 0, 0].set(3.0).at[0, 1, 2, 0].set(4.0)
   np.testing.assert_allclose(float(settings.distance(a, jnp.zeros_like(a))[0]), 5.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class labels reach every network call
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ['ct', 'cd', 'edm', 'ect'])
+def test_labels_reach_student_target_and_teacher(name):
+  """A class-conditional model sees the batch's labels in every call: student, target and (CD) teacher."""
+  config = make_config(name=name, **({'schedule': 'fixed'} if name == 'cd' else {}))
+  seen = []
+
+  def recording(p, x, sigma, dropout_rng=None, labels_B=None):
+    seen.append(('network', None if labels_B is None else np.asarray(labels_B)))
+    return tanh_denoiser(p, x, sigma, dropout_rng)
+
+  def teacher(tp, x, sigma, labels_B=None):
+    seen.append(('teacher', None if labels_B is None else np.asarray(labels_B)))
+    return gaussian_teacher(tp, x, sigma)
+
+  objective = losses.make_loss(config, IMAGE_SHAPE, recording, teacher=teacher if name == 'cd' else None)
+  labels = jnp.arange(BATCH, dtype=jnp.int32) % 3
+  objective.loss_fn(PARAMS, None, make_x0(BATCH), jnp.int32(0), jax.random.PRNGKey(0),
+                    TEACHER_PARAMS if name == 'cd' else None, labels)
+  kinds = [kind for kind, _ in seen]
+  assert kinds.count('network') == (1 if name == 'edm' else 2)
+  assert kinds.count('teacher') == (2 if name == 'cd' else 0)  # Heun: two teacher calls.
+  for _, got in seen:
+    np.testing.assert_array_equal(got, np.asarray(labels))
