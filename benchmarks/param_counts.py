@@ -34,11 +34,6 @@ FASHION_MNIST_CONFIGS = (
     'configs/fashion_mnist_ct.py', 'configs/fashion_mnist_ct2023.py', 'configs/fashion_mnist_edm.py',
     'configs/fashion_mnist_cd.py', 'configs/fashion_mnist_ect.py',
 )
-# Side of the images when data.image_size = 0 (configs/default.py); the fallback of image_shape below.
-DEFAULT_SIZES = {'mnist': 28, 'fashion_mnist': 28, 'cifar10': 32, 'imagenette': 64, 'imagenet64': 64,
-                 'image_folder': 64}
-
-
 def load_config(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('config_module', os.path.join(REPO_ROOT, path))
   module = importlib.util.module_from_spec(spec)
@@ -47,16 +42,8 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the training images, from config.data alone (cm_jax's own answer where it knows the data)."""
-  try:
-    return tuple(train_state.image_shape(config))
-  except (KeyError, ValueError):  # A cm_jax that predates the RGB datasets.
-    dc = config.data
-    if dc.name in ('mnist', 'fashion_mnist'):
-      size = dc.pad_to or DEFAULT_SIZES[dc.name]
-      return size, size, 1
-    size = dc.image_size or DEFAULT_SIZES[dc.name]
-    return size, size, 3
+  """(H, W, C) of the training images, from config.data alone (no data is read)."""
+  return tuple(train_state.image_shape(config))
 
 
 def param_shapes(config: ml_collections.ConfigDict):

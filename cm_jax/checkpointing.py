@@ -14,7 +14,6 @@ from typing import Any, Optional
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = 'checkpoints'

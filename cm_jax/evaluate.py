@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 
@@ -43,6 +42,7 @@ from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import metrics
+from cm_jax import multihost
 
 MNIST_FAMILY = input_pipeline.MNIST_FAMILY
 REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cached reference features.
@@ -103,15 +103,24 @@ class Reference:
   info: dict  # dataset, split, num, pad_to, cache file.
 
 
+def reference_indices(num_examples: int, num: int) -> np.ndarray:
+  """The rows of the reference split to use: all (num = 0), else num rows spread evenly over the split (every
+  (num_examples / num)-th), so that a split sorted by class, such as an image folder, is represented whole."""
+  if not num:
+    return np.arange(num_examples, dtype=np.int64)
+  if num > num_examples:
+    raise ValueError(f'evaluation.num_reference = {num} exceeds the {num_examples} images of the split.')
+  return np.arange(num, dtype=np.int64) * num_examples // num
+
+
 def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Reference:
-  """Reference features of evaluation.reference_split (the first evaluation.num_reference images), cached."""
+  """Reference features of evaluation.reference_split (evaluation.num_reference images spread evenly over it,
+  or all of it), cached. Streamed datasets (data.storage = 'stream') read only those rows."""
   ev = config.evaluation
-  images = input_pipeline.load_images(config.data, ev.reference_split)
-  if ev.num_reference:
-    if ev.num_reference > len(images):
-      raise ValueError(f'evaluation.num_reference = {ev.num_reference} exceeds the {len(images)} images of '
-                       f'the {ev.reference_split!r} split.')
-    images = images[:ev.num_reference]
+  data = input_pipeline.load_dataset(config.data, ev.reference_split)
+  rows = reference_indices(data.num_examples, ev.num_reference)
+  chunk = 10_000
+  images = np.concatenate([data.get(rows[i:i + chunk])[0] for i in range(0, len(rows), chunk)])
   digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
   path = os.path.join(classifier_lib.cache_dir(config), 'reference',
                       f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
@@ -169,6 +178,9 @@ def data_protocol(data_config: ml_collections.ConfigDict) -> dict:
     prep = f'zero-padded from 28x28 to {h}x{w}' if data_config.pad_to else 'none (28x28 as stored)'
   elif data_config.name == 'cifar10' and h == 32:
     prep = 'none (32x32 as stored)'
+  elif data_config.name == 'imagenet64' and h == 64:
+    prep = ('none: TFDS imagenet_resized/64x64 as stored (Chrabaszcz et al. 2017: whole images box-resized to '
+            '64x64, no centre crop; not the ImageNet 64x64 of ADM, EDM and CM)')
   else:
     prep = (f'centre crop to a square (the short side), then resized to {h}x{w} (area averaging down, bicubic '
             'up)')
@@ -189,12 +201,7 @@ def make_evaluator_on_all_processes(config: ml_collections.ConfigDict) -> Evalua
   """make_evaluator, process 0 first: it trains/caches the classifier and reference features while the
   others wait at a barrier, then load them from the cache (on a shared filesystem; else they compute their
   own, identically seeded)."""
-  if jax.process_count() == 1:
-    return make_evaluator(config)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  evaluator = make_evaluator(config) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices('cm_jax_evaluator_cached')
-  return evaluator if evaluator is not None else make_evaluator(config)
+  return multihost.process_zero_first(lambda: make_evaluator(config), 'cm_jax_evaluator_cached')
 
 
 def sampler_key(spec: inference.Sampler) -> str:

@@ -31,6 +31,7 @@ from cm_jax import images
 from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import losses
+from cm_jax import multihost
 from cm_jax import sampling
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
@@ -101,9 +102,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # from disk, data.storage) while the previous step computes. Labels only for class-conditional models.
   # ----------------------------------------------------------------------------------------------
   class_conditional = config.model.class_conditional
-  train_data = input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional)
-  if class_conditional:
-    config_validation.validate_num_classes(config.model.num_classes, train_data.num_classes, config.data.name)
+  if class_conditional:  # Before reading any pixels.
+    config_validation.validate_num_classes(config.model.num_classes, input_pipeline.num_classes(config.data),
+                                           config.data.name)
+  train_data = multihost.process_zero_first(  # Process 0 downloads (if it must) before the others read.
+      lambda: input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional), 'cm_jax_data')
   data_fingerprint = train_data.fingerprint
   image_shape = tuple(train_data.image_shape)
   stream = input_pipeline.BatchStream(train_data, config.seed, tc.batch_size, jax.process_index(),

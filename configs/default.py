@@ -193,7 +193,7 @@ def get_config() -> ml_collections.ConfigDict:
                                   # inception-2015-12-05.tgz; None: CACHE_DIR/inception/, else download.
   evaluation.cache_dir = ml_collections.config_dict.placeholder(str)  # None: $CM_JAX_CACHE or ~/.cache/cm_jax.
   evaluation.reference_split = 'test'  # Split whose features are the reference statistics (cached).
-  evaluation.num_reference = 0    # Reference images (the first of the split); 0: the whole split.
+  evaluation.num_reference = 0    # Reference images, spread evenly over the split; 0: the whole split.
   evaluation.batch_size = 500     # Images per feature-network call, and per sampling call of in-training
                                   # evaluations (lower it if sampling runs out of memory).
   evaluation.pr_k = 3             # k of the k-NN balls of improved precision/recall (ADM evaluator: 3).

@@ -1,7 +1,8 @@
 """Consistency distillation (CM, Song et al. 2023) on class-conditional ImageNet 64x64 from
 configs/imagenet64_edm.py's teacher.
 
-    python -m cm_jax.train --config=configs/imagenet64_cd.py --workdir=CD_DIR --config.teacher.workdir=TEACHER
+    python -m cm_jax.train --config=configs/imagenet64_cd.py --workdir=CD_DIR --config.teacher.workdir=TEACHER \
+        --config.data.manual_dir=IMAGENET/train
 
 Network: the teacher's ADM UNet, 295,899,363 parameters (benchmarks/param_counts.py), class-conditional on
 the 1000 classes; the student starts from the teacher's weights (teacher.init_student), so config.model must
@@ -13,7 +14,7 @@ sampling EMAs 0.9999432 / 0.9999 / 0.999, mixed precision (fp16 there, bfloat16 
 sigma = 1.382 (index 22 of the 40-point grid, CM's `--ts 0,22,39`).
 Distance: l2. The paper's best ImageNet-64 CD (FID 6.20 / 4.70) used LPIPS, which cm_jax does not ship (it leaks
 ImageNet features into the Inception FID); CM also released this l2 variant.
-Data: TFDS imagenet_resized/64x64, streamed (data.storage 'stream').
+Data: the ImageNet train folder at 64x64, streamed, as configs/imagenet64_edm.py (set data.manual_dir).
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (a step is a student, a target and two teacher passes of
 a ~296M network at batch 2048; not measured).
 """

@@ -1,6 +1,6 @@
 """Consistency training (CM, Song et al. 2023) on class-conditional ImageNet 64x64, from random weights.
 
-    python -m cm_jax.train --config=configs/imagenet64_ct.py --workdir=DIR
+    python -m cm_jax.train --config=configs/imagenet64_ct.py --workdir=DIR --config.data.manual_dir=IMAGENET/train
 
 Network: the ADM UNet of configs/imagenet64_edm.py, 295,899,363 parameters (benchmarks/param_counts.py),
 class-conditional on the 1000 classes.
@@ -15,7 +15,7 @@ line, which we follow, says lr 1e-4 and dropout 0.0 (0.1 is its teacher's dropou
 Differences from CM: l2 instead of LPIPS (LPIPS leaks ImageNet features into the Inception FID; the paper's
 FID 13.0 used LPIPS), and random initialisation, as the paper describes (the launch line passes an EDM teacher
 checkpoint, which cm_jax's CT does not use).
-Data: TFDS imagenet_resized/64x64, streamed (data.storage 'stream').
+Data: the ImageNet train folder at 64x64, streamed, as configs/imagenet64_edm.py (set data.manual_dir).
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
 """
 

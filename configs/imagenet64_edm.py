@@ -1,6 +1,7 @@
 """Class-conditional EDM teacher on ImageNet 64x64: the teacher of configs/imagenet64_cd.py.
 
-    python -m cm_jax.train --config=configs/imagenet64_edm.py --workdir=TEACHER
+    python -m cm_jax.train --config=configs/imagenet64_edm.py --workdir=TEACHER \
+        --config.data.manual_dir=IMAGENET/train
 
 Network: 295,899,363 parameters (benchmarks/param_counts.py, jax.eval_shape), the ADM ImageNet-64 UNet of
 CM's launch lines (openai/consistency_models scripts/launch.sh): ch 192, ch_mult (1, 2, 3, 4), 3 residual
@@ -13,9 +14,14 @@ Recipe (CM's `edm_train.py` launch line): EDM loss (lognormal sigma, Karras weig
 EDM Heun with 40 steps (79 network calls) as CM's sampling line. The launch line gives no length; 600k steps is
 cm_jax's choice near EDM's own ImageNet-64 run (2500M images, ~610k steps at batch 4096, as we read EDM's
 README). Random flips: cm_jax's choice (we did not verify what ADM's loader does for this run).
-Data: TFDS imagenet_resized/64x64 read from disk per step (data.storage 'stream'; ~16 GB decoded).
-Evaluation: Inception FID of 50,000 samples against the training set (reference_split 'train', as ADM's
-reference statistics); not run during training (the 1.28M-image reference is expensive): use cm_jax.evaluate.
+Data: the ImageNet train folder (data.name 'image_folder', data.manual_dir = IMAGENET/train with its 1000
+synset folders; labels in sorted synset order, ADM's order), each image centre-cropped and resized to 64x64 as
+ADM/EDM/CM prepare ImageNet 64x64, read from disk per step (data.storage 'stream'; 1.28M JPEGs, ~16 GB if
+decoded). `--config.data.name=imagenet64` trains on TFDS imagenet_resized/64x64 instead: the Chrabaszcz et al.
+(2017) downsampled ImageNet (whole images box-resized, no crop, labels in another order), whose FIDs are NOT
+comparable with the papers'.
+Evaluation: Inception FID of 50,000 samples against 50,000 training images spread evenly over the folder
+(reference_split 'train', num_reference 50,000); not run during training: use cm_jax.evaluate.
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
 """
 
@@ -24,8 +30,8 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = 'imagenet64'
-  config.data.image_size = 0              # 64x64, the dataset's own.
+  config.data.name = 'image_folder'       # --config.data.manual_dir=IMAGENET/train (1000 synset folders).
+  config.data.image_size = 64             # Centre crop + resize, as ADM/EDM/CM's ImageNet 64x64.
   config.data.storage = 'stream'
   config.data.random_flip = True
 
@@ -66,5 +72,6 @@ def get_config():
   evaluation = config.evaluation
   evaluation.feature_net = 'inception'
   evaluation.reference_split = 'train'
+  evaluation.num_reference = 50_000
   evaluation.every = 0
   return config

@@ -18,7 +18,8 @@ c = 0.00054 sqrt(64 * 64 * 3) = 0.0599, stopgrad target, Adam 1e-4), with dropou
 Evaluation: Inception FID against the ~9.5k training images (reference_split 'train'); with so few reference
 images the FID is biased upwards, so compare cm_jax runs with each other, and check copying with
 `evaluate --memorization=2000` (an 84M network can memorise 9.5k images).
-Hardware assumed: one 80 GB A100 or H100 in float32 (--config.training.precision=bfloat16 is faster on both).
+Hardware assumed: one 80 GB A100 or H100 in float32 (--config.training.precision=bfloat16 should be
+faster on both; not measured).
 """
 
 from configs import default

@@ -1,6 +1,9 @@
 """Tiny config that exercises every part of training in seconds on a CPU (tests and smoke runs).
 
-Works for any data.name, e.g. `--config.data.name=mnist`. Not meant to produce good samples.
+Works for any data.name, e.g. `--config.data.name=mnist`, `--config.data.name=cifar10`, or an RGB image folder:
+`--config.data.name=image_folder --config.data.manual_dir=DIR --config.data.image_size=16` (add
+`--config.model.class_conditional=True --config.model.num_classes=K` for a class-conditional model, and
+`--config.training.precision=bfloat16` for mixed precision). Not meant to produce good samples.
 `--config=configs/test.py:edm` trains a tiny EDM teacher; `:cd` and `:ect` distil or tune it
 (with --config.teacher.workdir=TEACHER_DIR).
 """

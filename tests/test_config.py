@@ -33,6 +33,11 @@ def test_every_config_file_validates(path):
     with pytest.raises(ValueError, match=r'config\.teacher\.workdir'):
       config_validation.validate(config)
     config.teacher.workdir = '/path/to/teacher'
+  if config.data.name == 'image_folder':
+    # Image-folder configs (ImageNet 64x64) need the folder, which only the user knows.
+    with pytest.raises(ValueError, match=r'config\.data\.manual_dir'):
+      config_validation.validate(config)
+    config.data.manual_dir = '/path/to/imagenet/train'
   config_validation.validate(config)
 
 

@@ -131,7 +131,7 @@ def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
   with tfds.testing.mock_data(num_examples=40):
     ref = evaluate.load_reference(config, pixel_net(calls))
     again = evaluate.load_reference(config, pixel_net(calls))
-    images = input_pipeline.load_images(config.data, 'test')[:30]
+    images = input_pipeline.load_images(config.data, 'test')[evaluate.reference_indices(40, 30)]
   assert calls == [30]  # The second load read the cache.
   np.testing.assert_array_equal(ref.features, again.features)
   assert ref.info['num'] == 30 and ref.info['split'] == 'test'
@@ -217,6 +217,9 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   protocol = out['protocol']
   assert protocol['num_samples'] == 12 and protocol['reference']['split'] == 'test'
   assert protocol['reference']['num'] == 200 and protocol['feature_net']['comparable_to_published_fid'] is False
+  assert protocol['reference']['image_shape'] == [28, 28, 1] and protocol['sampling_seed'] == 0
+  assert protocol['reference']['preprocessing'] == 'none (28x28 as stored)'
+  assert 'class_labels' not in protocol  # Unconditional.
   assert 0.0 <= protocol['feature_net']['test_accuracy'] <= 1.0
   search = out['two_step_search']
   assert 1 <= search['best_index'] <= 4 and search['best_t'] in [e['t'] for e in search['evaluated']]
@@ -257,3 +260,26 @@ def test_sample_fn_takes_the_times_as_an_argument(fast_compiles):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert np.abs(first - other).max() > 1e-3
+
+
+def test_reference_rows_spread_over_the_split():
+  np.testing.assert_array_equal(evaluate.reference_indices(5, 0), np.arange(5))
+  np.testing.assert_array_equal(evaluate.reference_indices(10, 4), [0, 2, 5, 7])
+  rows = evaluate.reference_indices(1000, 10)  # A class-sorted folder of 10 classes x 100: one row per class.
+  np.testing.assert_array_equal(rows // 100, np.arange(10))
+  with pytest.raises(ValueError, match='exceeds the 5 images'):
+    evaluate.reference_indices(5, 6)
+
+
+def test_data_protocol_states_shape_and_preprocessing():
+  """What a paper must state about the images, without reading any data."""
+  config = test_config.get_config()
+  config.data.name, config.data.pad_to = 'fashion_mnist', 32
+  assert evaluate.data_protocol(config.data)['preprocessing'] == 'zero-padded from 28x28 to 32x32'
+  config.data.name, config.data.pad_to = 'cifar10', 0
+  out = evaluate.data_protocol(config.data)
+  assert out['image_shape'] == [32, 32, 3] and out['preprocessing'] == 'none (32x32 as stored)'
+  config.data.name, config.data.tfds_config = 'imagenette', '320px-v2'
+  out = evaluate.data_protocol(config.data)
+  assert out['image_shape'] == [64, 64, 3] and out['tfds_config'] == '320px-v2'
+  assert out['preprocessing'].startswith('centre crop to a square') and '64x64' in out['preprocessing']

@@ -127,8 +127,8 @@ def test_inference_sampling_is_deterministic_and_batch_independent(straight_run)
 def test_non_finite_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   original = losses.consistency_training_loss
 
-  def poisoned(params, target_params, x0, step, rng, teacher_params=None, **kwargs):
-    loss, metrics = original(params, target_params, x0, step, rng, teacher_params, **kwargs)
+  def poisoned(params, target_params, x0, step, rng, teacher_params=None, labels=None, **kwargs):
+    loss, metrics = original(params, target_params, x0, step, rng, teacher_params, labels, **kwargs)
     poison = jax.numpy.where(step >= 3, jax.numpy.nan, 0.0)
     metrics = dict(metrics, loss=metrics['loss'] + poison)
     return loss + poison, metrics

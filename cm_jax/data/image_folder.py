@@ -48,7 +48,7 @@ class Listing:
 def check_split(split: str) -> None:
   if split not in SPLITS:
     raise ValueError(f"An image folder has only the 'train' split, not {split!r}: evaluate against it with "
-                     "--config.evaluation.reference_split=train.")
+                     "--config.evaluation.reference_split=train (the evaluate CLI: --reference_split=train).")
 
 
 def _root(manual_dir: Optional[str]) -> str:
@@ -113,7 +113,7 @@ def num_classes(manual_dir: Optional[str], class_map: Optional[str]) -> int:
 
 def _images_under(directory: str) -> list[str]:
   found = []
-  for parent, dirs, files in os.walk(directory, followlinks=True):
+  for parent, dirs, files in os.walk(directory):
     dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
     found.extend(os.path.join(parent, f) for f in sorted(files)
                  if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS))
