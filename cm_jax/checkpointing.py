@@ -127,7 +127,7 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
 
 # Fields that decide the shapes in the train state (or the data): a resumed run must keep them.
 # training.batch_size and seed fix the data stream: the batch of step k is a function of (seed, k, batch size).
-STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',
+STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config',
                      'loss.name', 'loss.target', 'training.ema_rates', 'optim.name', 'training.batch_size', 'seed')
 
 

@@ -245,9 +245,10 @@ def load_labeled_images(data_config: Any, split: str) -> tuple[np.ndarray, np.nd
 def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dataset:
   """The split as a Dataset: in host memory (data.storage = 'memory') or read by index ('stream').
 
-  In memory the fingerprint hashes the image array (as checkpoints have always recorded); streamed, it records
-  the TFDS name/version/split or the sha256 of the image files' (path, size, label) list. The MNIST family is
-  always held in memory (it is small).
+  The fingerprint hashes the image array for the MNIST family (as checkpoints have always recorded); for TFDS
+  and folder data it records the TFDS name/version/split or the sha256 of the image files' (path, size, label)
+  list, in either storage, so a run may switch storage when resumed. The MNIST family is always held in memory
+  (it is small).
   """
   name, spec = _spec(data_config)
   storage = data_config.get('storage', 'memory')
@@ -268,7 +269,15 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
     images, labels = load_labeled_images(data_config, split)
   else:
     images, labels = load_images(data_config, split), None
-  return ArrayDataset(images, labels, num_classes(data_config))
+  fingerprint = None  # MNIST family: the sha256 of the image array, as checkpoints have always recorded.
+  if spec.kind == 'tfds':  # Otherwise the source, as when streamed: switching data.storage keeps a run resumable.
+    builder = _rgb_builder(name, spec, data_config)
+    fingerprint = tfds_source.source_fingerprint(builder.info.full_name, _tfds_split(spec, split), len(images),
+                                                 images.shape[1:])
+  elif spec.kind == 'folder':
+    listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
+    fingerprint = image_folder.source_fingerprint(listing, images.shape[1:])
+  return ArrayDataset(images, labels, num_classes(data_config), _fingerprint=fingerprint)
 
 
 def image_shape(data_config: Any) -> tuple[int, int, int]:

@@ -99,8 +99,8 @@ def test_memory_and_stream_give_the_same_batches(tree, with_labels):
 
 def test_fingerprints(tree):
   memory = ip.load_dataset(_config(tree), 'train')
-  assert memory.fingerprint == ip.array_fingerprint(ip.load_images(_config(tree), 'train'))
   stream = ip.load_dataset(_config(tree, storage='stream'), 'train').fingerprint
+  assert memory.fingerprint == stream  # The files, not the decoded pixels: either storage resumes the other.
   assert stream['num_examples'] == 5 and stream['shape'] == [8, 8, 3]
   json.dumps(stream)
   assert ip.load_dataset(_config(tree, storage='stream'), 'train').fingerprint == stream

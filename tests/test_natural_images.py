@@ -208,3 +208,18 @@ def test_rgb_datasets_default_to_inception_features():
                      ('fashion_mnist', 'classifier')):
     config.data.name = name
     assert evaluate.feature_net_kind(config) == kind
+
+
+def test_streamed_training_equals_in_memory_training_and_may_resume_it(folder, tmp_path):
+  """data.storage = 'stream' reads the same rows at every step: the same parameters as 'memory', and a run
+  started in memory resumes streamed (the recorded data fingerprint names the files, not the storage)."""
+  config = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2})
+  memory = train.train_and_evaluate(config, str(tmp_path / 'memory'))
+  streamed_config = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2,
+                                          'data.storage': 'stream'})
+  streamed = train.train_and_evaluate(streamed_config, str(tmp_path / 'stream'))
+  assert tree_equal(memory.params, streamed.params)
+  longer = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2,
+                                 'data.storage': 'stream', 'training.num_steps': 6})
+  resumed = train.train_and_evaluate(longer, str(tmp_path / 'memory'))
+  assert int(resumed.step) == 6

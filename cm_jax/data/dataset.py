@@ -40,7 +40,8 @@ def array_fingerprint(images: np.ndarray) -> dict:
 
 @dataclasses.dataclass(eq=False)
 class ArrayDataset:
-  """A whole split held in host memory (data.storage = 'memory'); its fingerprint hashes the image array."""
+  """A whole split held in host memory (data.storage = 'memory'); its fingerprint hashes the image array unless
+  the loader gives one (TFDS and folder data record their source instead)."""
   images: np.ndarray  # uint8 (N, H, W, C).
   labels: Optional[np.ndarray]  # int32 (N,), or None when loaded without labels.
   num_classes: int

@@ -203,6 +203,12 @@ def _read_by_index(builder: Any, split: str, with_labels: bool, size: Optional[i
   return images, np.concatenate([p[1] for p in parts]) if parts else np.zeros((0,), np.int32)
 
 
+def source_fingerprint(full_name: str, split: str, num_examples: int, image_shape: tuple[int, ...]) -> dict:
+  """What identifies a TFDS split's training rows, whatever the storage: name/config/version, split and shape."""
+  return {'num_examples': int(num_examples), 'shape': list(image_shape), 'source': 'tfds', 'tfds': full_name,
+          'split': split}
+
+
 class TfdsStreamDataset:
   """Rows of a prepared TFDS split read on demand through the ArrayRecord random-access data source."""
 
@@ -222,8 +228,7 @@ class TfdsStreamDataset:
     self.num_classes = num_classes
     self._with_labels = with_labels
     self._read = self._read_batched
-    self.fingerprint = {'num_examples': self.num_examples, 'shape': list(self.image_shape), 'source': 'tfds',
-                        'tfds': name, 'split': split}
+    self.fingerprint = source_fingerprint(name, split, self.num_examples, self.image_shape)
     logging.info('Streaming %s (%s): %d examples read by index from %s.', name, split, self.num_examples,
                  builder.data_dir)
 
