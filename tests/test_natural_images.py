@@ -15,6 +15,7 @@ from cm_jax import evaluate
 from cm_jax import inference
 from cm_jax import train
 from configs import test as test_config
+from test_train import tiny_config, tree_equal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {'blue': (20, 40, 220), 'red': (220, 30, 20)}  # Sorted folder order: blue = 0, red = 1.
@@ -34,24 +35,9 @@ def make_folder(root, per_class: int = 6) -> str:
 
 
 def rgb_config(folder: str, **overrides):
-  config = test_config.get_config()
-  config.data.name = 'image_folder'
-  config.data.manual_dir = folder
-  config.data.image_size = 16
-  config.data.random_flip = True
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def tree_equal(a, b) -> bool:
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(leaves_a) == len(leaves_b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+  """configs/test.py on the image folder at 16x16 with flips, plus dotted overrides."""
+  return tiny_config(**{'data.name': 'image_folder', 'data.manual_dir': folder, 'data.image_size': 16,
+                        'data.random_flip': True, **overrides})
 
 
 @pytest.fixture(scope='module')
