@@ -57,11 +57,10 @@ def main(argv):
     spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  if FLAGS.class_label is not None and not 0 <= FLAGS.class_label < max(model.num_classes, 1):
-    raise app.UsageError(f'--class_label={FLAGS.class_label}: ' + (
-        f'classes lie in [0, {model.num_classes}) (model.num_classes).' if model.num_classes else
-        'this model is unconditional (model.class_conditional = False); leave --class_label out.'))
-  labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
+  try:  # inference.resolve_labels checks the label against the model.
+    labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
+  except ValueError as e:
+    raise app.UsageError(f'--class_label={FLAGS.class_label}: {e}') from e
   logging.info('Sampling %d images with %s, from step %d (%s)%s.', FLAGS.num, spec.describe(), model.step,
                model.which_params, '' if labels is None else
                (f', class {FLAGS.class_label}' if FLAGS.class_label is not None else ', uniformly drawn classes'))
