@@ -21,7 +21,7 @@ import numpy as np
 
 from cm_jax import inference
 from cm_jax import losses
-from cm_jax import train
+from cm_jax import train_step
 from cm_jax import train_state as ts
 
 config_flags.DEFINE_config_file('config', 'configs/fashion_mnist_ct.py', 'Config file.', lock_config=True)
@@ -40,7 +40,7 @@ def main(_):
     teacher_config.loss.name = 'edm'
     teacher, teacher_params = inference.make_denoiser(teacher_config), jax.tree.map(jnp.copy, state.params)
   objective = losses.make_loss(config, image_shape, inference.make_denoiser(config), teacher)
-  step_fn = jax.jit(functools.partial(train.train_step, loss_fn=objective.loss_fn,
+  step_fn = jax.jit(functools.partial(train_step.train_step, loss_fn=objective.loss_fn,
                                       target_decay=objective.target_decay, tx=tx, config=config), donate_argnums=0)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (config.training.batch_size,) + image_shape, np.uint8)

@@ -1,0 +1,50 @@
+"""The update step of every objective: one optimisation step as a pure function of (state, batch).
+
+Imports only jax, optax, ml-collections and light cm_jax modules, so benchmarks can compile it on a machine
+without TFDS, TensorFlow, Orbax or clu.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cm_jax import input_pipeline
+from cm_jax import train_state as ts
+
+
+def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_decay, tx,
+               config: ml_collections.ConfigDict):
+  """One optimisation step. batch is (images uint8 (B, H, W, C), labels int32 (B,) or None for an unconditional
+  model); teacher_params is None except for 'cd'.
+
+  Returns (new state, metrics of this step).
+  """
+  batch_BHWC, labels_B = batch
+  rng = jax.random.fold_in(state.rng, state.step)
+  rng_flip, rng_loss = jax.random.split(rng)
+  x0_BHWC = input_pipeline.to_model_range(batch_BHWC)
+  if config.data.random_flip:
+    flip_B = jax.random.bernoulli(rng_flip, 0.5, (x0_BHWC.shape[0],))
+    x0_BHWC = jnp.where(flip_B[:, None, None, None], x0_BHWC[:, :, ::-1, :], x0_BHWC)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, metrics), grads = grad_fn(state.params, state.target_params, x0_BHWC, state.step, rng_loss, teacher_params,
+                                labels_B)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+
+  target_params = None
+  if state.target_params is not None:
+    mu = metrics['mu'] = target_decay(state.step)
+    target_params = ts.ema_update(state.target_params, params, mu)
+  ema_params = tuple(
+      ts.ema_update(ema, params, ts.ema_decay(rate, state.step, config.training.ema_warmup))
+      for ema, rate in zip(state.ema_params, config.training.ema_rates))
+
+  metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  metrics['lr'] = ts.learning_rate_schedule(config)(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
+                            ema_params=ema_params, opt_state=opt_state)
+  return new_state, metrics
