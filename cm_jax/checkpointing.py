@@ -7,25 +7,43 @@ resume needs.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from cm_jax import paths
+from cm_jax.configs import default as default_config
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+  """WORKDIR/checkpoints: absolute for a local workdir, unchanged for a URI (gs://bucket/run/checkpoints)."""
+  return os.fspath(epath.Path(paths.absolute(workdir)) / CHECKPOINT_SUBDIR)
+
+
+def require_gcs_client(workdir: str) -> None:
+  """Raises ImportError with the fix for a gs:// workdir without google-cloud-storage, which Orbax needs there."""
+  if not os.fspath(workdir).startswith('gs://'):
+    return
+  try:
+    importlib.import_module('google.cloud.storage')
+  except ImportError as e:
+    raise ImportError(f"The workdir {workdir} is on GCS, where Orbax needs google-cloud-storage: pip install "
+                      "'cm_jax[gcs]' (or google-cloud-storage).") from e
 
 
 def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """Manager for WORKDIR/checkpoints: async saves, keeps the latest few plus every keep_every-th step."""
+  require_gcs_client(workdir)
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   else:
@@ -74,15 +92,21 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
       skip(step, e)
       continue
     if unreadable and jax.process_index() == 0:
-      aside = os.path.join(os.path.abspath(workdir), 'unreadable_checkpoints')
-      os.makedirs(aside, exist_ok=True)
-      for bad in unreadable:
-        os.rename(os.path.join(checkpoint_dir(workdir), str(bad)), os.path.join(aside, f'{bad}-{time.time():.0f}'))
-        logging.warning('Moved the unreadable checkpoint of step %d to %s.', bad, aside)
+      move_aside(workdir, unreadable)
     manager.reload()
     return state
   raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '
                      'away to start afresh.')
+
+
+def move_aside(workdir: str, steps: list[int]) -> str:
+  """Moves the checkpoints of `steps` to WORKDIR/unreadable_checkpoints/STEP-TIME; returns that folder."""
+  aside = epath.Path(paths.absolute(workdir)) / 'unreadable_checkpoints'
+  aside.mkdir(parents=True, exist_ok=True)
+  for bad in steps:
+    (epath.Path(checkpoint_dir(workdir)) / str(bad)).rename(aside / f'{bad}-{time.time():.0f}')
+    logging.warning('Moved the unreadable checkpoint of step %d to %s.', bad, aside)
+  return os.fspath(aside)
 
 
 def saved_data(manager: ocp.CheckpointManager) -> Optional[dict]:
@@ -90,6 +114,16 @@ def saved_data(manager: ocp.CheckpointManager) -> Optional[dict]:
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    except Exception:  # pylint: disable=broad-except
+      continue  # restore_for_resume reports and sets aside unreadable checkpoints.
+  return None
+
+
+def saved_config(manager: ocp.CheckpointManager) -> Optional[ml_collections.ConfigDict]:
+  """The config of the newest checkpoint that reads (None without one)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_config(manager, step)
     except Exception:  # pylint: disable=broad-except
       continue  # restore_for_resume reports and sets aside unreadable checkpoints.
   return None
@@ -157,13 +191,11 @@ def flatten_dict(d: dict, prefix: str = '') -> dict:
 
 
 def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
-  """ConfigDict from its JSON form, on top of configs/default.py.
+  """ConfigDict from its JSON form, on top of cm_jax/configs/default.py.
 
   Lists become tuples again (configs use tuples for sequences); fields added to cm_jax after the
   checkpoint was written take their defaults, so older runs stay loadable.
   """
-  from configs import default  # Local import: the config package sits beside cm_jax.
-
   def fix(v):
     if isinstance(v, dict):
       return {k: fix(x) for k, x in v.items()}
@@ -177,4 +209,4 @@ def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
       out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
-  return ml_collections.ConfigDict(merge(default.get_config().to_dict(), fix(d)))
+  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), fix(d)))

@@ -17,19 +17,21 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import flax.linen as nn
 from flax import serialization
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
 
 from cm_jax import atomic_file
 from cm_jax import input_pipeline
+from cm_jax import sharding
 
 FEATURE_DIM = 128
 NUM_CLASSES = 10  # MNIST and Fashion-MNIST.
@@ -63,29 +65,43 @@ class Classifier:
   image_shape: tuple[int, int, int]
   info: dict  # Dataset, split sizes, settings, test accuracy, cache file.
 
-  @functools.cached_property
-  def _apply(self):
-    model = SmallCNN(self.num_classes)
+  def _apply(self, mesh: Mesh):
+    """The jitted network on `mesh`: images split over its 'data' axis, params replicated."""
+    cache = self.__dict__.setdefault('_jitted', {})
+    if mesh not in cache:
+      model = SmallCNN(self.num_classes)
+      batch = sharding.batch_sharding(mesh)
 
-    @jax.jit
-    def run(params, images_uint8):
-      features, logits = model.apply({'params': params}, input_pipeline.to_model_range(images_uint8))
-      return features, jax.nn.softmax(logits)
-    return run
+      @functools.partial(jax.jit, in_shardings=(sharding.replicated(mesh), batch),
+                         out_shardings=(batch, batch))
+      def run(params, images_uint8):
+        features, logits = model.apply({'params': params}, input_pipeline.to_model_range(images_uint8))
+        return features, jax.nn.softmax(logits)
+      cache[mesh] = run
+    return cache[mesh]
 
-  def __call__(self, images_BHWC: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """(features float64 (N, FEATURE_DIM), class probabilities float64 (N, num_classes)) of uint8 images."""
+  def __call__(self, images_BHWC: np.ndarray, batch_size: int = 500,
+               devices: Optional[Sequence[jax.Device]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(features float64 (N, FEATURE_DIM), class probabilities float64 (N, num_classes)) of uint8 images.
+
+    Each batch (batch_size rounded up to a multiple of the device count) is split over `devices`: by
+    default this process's own (jax.local_devices(), no other process involved); jax.devices() splits it
+    over every process's devices, a collective that every process calls with the same images.
+    """
     images_BHWC = np.asarray(images_BHWC)
     if images_BHWC.dtype != np.uint8 or images_BHWC.shape[1:] != self.image_shape:
       raise ValueError(f'The classifier takes uint8 images of shape (N, {self.image_shape}), got '
                        f'{images_BHWC.dtype} {images_BHWC.shape}.')
+    mesh = sharding.make_mesh(jax.local_devices() if devices is None else devices)
+    size = sharding.padded_batch_size(max(1, min(batch_size, len(images_BHWC))), mesh)  # One compiled shape.
+    params = sharding.replicate(self.params, mesh)
     feats, probs = [], []
-    for start in range(0, len(images_BHWC), batch_size):
-      chunk = images_BHWC[start:start + batch_size]
-      pad = batch_size - len(chunk) if len(images_BHWC) > batch_size else 0  # One compiled shape.
-      f, p = self._apply(self.params, np.pad(chunk, ((0, pad), (0, 0), (0, 0), (0, 0))))
-      feats.append(np.asarray(f, np.float64)[:len(chunk)])
-      probs.append(np.asarray(p, np.float64)[:len(chunk)])
+    for start in range(0, len(images_BHWC), size):
+      chunk = images_BHWC[start:start + size]
+      padded = np.pad(chunk, ((0, size - len(chunk)), (0, 0), (0, 0), (0, 0)))
+      f, p = self._apply(mesh)(params, sharding.shard_batch(padded, mesh))
+      feats.append(sharding.to_host(f).astype(np.float64)[:len(chunk)])
+      probs.append(sharding.to_host(p).astype(np.float64)[:len(chunk)])
     return np.concatenate(feats), np.concatenate(probs)
 
   def protocol(self) -> dict:

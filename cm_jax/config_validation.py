@@ -11,6 +11,7 @@ CHOICES = {
     'data.source': ('auto', 'tfds', 'local'),
     'data.storage': ('memory', 'stream'),
     'training.precision': ('float32', 'bfloat16'),
+    'training.sharding': ('replicated', 'fsdp'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
     'loss.name': ('ct', 'edm', 'cd', 'ect'),
@@ -54,6 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'keep_checkpoints'):
     _require(tc[field] >= 1, f'training.{field}', f'must be >= 1, got {tc[field]}.')
   _require(tc.keep_every >= 0, 'training.keep_every', 'must be >= 0 (0 keeps no extra checkpoints).')
+  _require(tc.fsdp_min_size >= 1, 'training.fsdp_min_size', f'must be >= 1, got {tc.fsdp_min_size}.')
   _require(all(0.0 <= r < 1.0 for r in tc.ema_rates), 'training.ema_rates',
            f'rates must lie in [0, 1), got {tc.ema_rates}.')
   _require(len(tc.ema_rates) >= 1, 'training.ema_rates', 'give at least one sampling EMA rate.')

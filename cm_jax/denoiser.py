@@ -1,4 +1,8 @@
-"""Binds a Linen network to the preconditioning of cm_jax/karras.py: f_theta(x, sigma)."""
+"""Binds a Linen network to the preconditioning of cm_jax/karras.py: f_theta(x, sigma).
+
+`make_denoiser(config)` builds the one a run trains. Imports only jax, flax, ml-collections and light cm_jax
+modules (the train step and benchmarks build it without Orbax or the data readers).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import ml_collections
 
 from cm_jax import karras
+from cm_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,3 +39,17 @@ class Denoiser:
       return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, labels_B=labels_B, train=train, rngs=rngs)
 
     return karras.precondition(net, x_BHWC, sigma_B, sigma_data=self.sigma_data, sigma_min=self.sigma_min)
+
+
+def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
+  """True for an EDM denoiser (loss 'edm'), False for a consistency model."""
+  return config.loss.name == 'edm'
+
+
+def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
+  """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted), or for an
+  EDM teacher the denoiser D (eps = 0)."""
+  cc = config.consistency
+  sigma_min = 0.0 if is_diffusion_model(config) else cc.sigma_min
+  network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
+  return Denoiser(network, sigma_data=cc.sigma_data, sigma_min=sigma_min)

@@ -35,7 +35,10 @@ from cm_jax import editing
 from cm_jax import images as images_lib
 from cm_jax import inference
 from cm_jax import input_pipeline
+from cm_jax import multihost
+from cm_jax import paths
 from cm_jax import sampling
+from cm_jax import sharding
 
 FLAGS = flags.FLAGS
 
@@ -45,6 +48,7 @@ _TIMED_TASKS = {'inpaint': editing.INPAINT_TIMES, 'colorize': editing.COLORIZE_T
 
 
 def define_flags() -> None:
+  multihost.define_flags()
   flags.DEFINE_string('workdir', None, 'Run directory of a consistency model (CT, CD or ECT).', required=True)
   flags.DEFINE_enum('task', None, list(TASKS), 'Editing task.', required=True)
   flags.DEFINE_string('input', None, 'Clean images (.npz, .png or a directory of PNGs); the stroke painting '
@@ -135,18 +139,20 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Editing
 # --------------------------------------------------------------------------------------------------
-def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int) -> np.ndarray:
+def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int,
+             mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
   """fn(start, *batch) over batches of one size, min(batch_size, num) (the last is padded by repetition,
-  then cut)."""
+  then cut). With a mesh the size is rounded up to a multiple of its device count, the batch arrays reach fn
+  split over its devices (sharding.shard_batch), and every process gets all of fn's rows back."""
   batch_size = min(batch_size, num)
+  if mesh is not None:
+    batch_size = sharding.padded_batch_size(batch_size, mesh)
   out = []
   for start in range(0, num, batch_size):
-    batch = []
-    for a in arrays:
-      part = a[start:start + batch_size]
-      pad = batch_size - len(part)
-      batch.append(np.concatenate([part, np.repeat(part[-1:], pad, axis=0)]) if pad else part)
-    out.append(np.asarray(jax.device_get(fn(start, *batch)))[:num - start])
+    batch = [sharding.pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
+    if mesh is not None:
+      batch = [sharding.shard_batch(b, mesh) for b in batch]
+    out.append(sharding.to_host(fn(start, *batch))[:num - start])
   return np.concatenate(out)[:num]
 
 
@@ -186,6 +192,14 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     raise ValueError(f'This model is class-conditional ({model.num_classes} classes): pass --class_label=K, the '
                      'class of the images to edit.')
 
+  # Each batch is split over every device of every process, the parameters replicated (as in sampling).
+  mesh = sharding.make_mesh()
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = sharding.replicate(model.params, mesh)
+
+  def keys_of(seed_key, start, count):  # Keys of examples start, ..., start + count - 1, split over the mesh.
+    return sharding.shard_batch(sampling.example_keys(seed_key, start, count), mesh)
+
   def f(params):
     if class_label is None:
       return functools.partial(model.denoiser, params)
@@ -194,7 +208,7 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   if task == 'interpolate':
     alphas_A = jnp.linspace(0.0, 1.0, alphas)
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=(replicated, batch, batch), out_shardings=batch)
     def interp(params, keys1, keys2):
       z1 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys1)
       z2 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys2)
@@ -202,9 +216,8 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
       return jnp.swapaxes(x_ABHWC, 0, 1)
 
     def run_interp(start, index):
-      return interp(model.params, sampling.example_keys(edit_seed, start, len(index)),
-                    sampling.example_keys(degrade_seed, start, len(index)))
-    x = _batched(run_interp, [np.arange(num)], batch_size, num)
+      return interp(params, keys_of(edit_seed, start, len(index)), keys_of(degrade_seed, start, len(index)))
+    x = _batched(run_interp, [np.arange(num)], batch_size, num, mesh)
     return {'result': input_pipeline.to_uint8(x)}
 
   if clean_uint8 is None:
@@ -234,9 +247,10 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     degraded = x_clean + np.float32(sigma) * noise
     edit_fn = lambda fn, x, keys: editing.denoise(fn, x, sigma, **bounds, clip=clip)
 
-  run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys))
-  result = _batched(lambda start, x: run(model.params, x, sampling.example_keys(edit_seed, start, len(x))),
-                    [np.asarray(degraded, np.float32)], batch_size, num)
+  run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys), in_shardings=(replicated, batch, batch),
+                out_shardings=batch)
+  result = _batched(lambda start, x: run(params, x, keys_of(edit_seed, start, len(x))),
+                    [np.asarray(degraded, np.float32)], batch_size, num, mesh)
   return {'original': clean_uint8, 'degraded': input_pipeline.to_uint8(degraded),
           'result': input_pipeline.to_uint8(result)}
 
@@ -259,9 +273,7 @@ def figure(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 def write(arrays: dict[str, np.ndarray], out_dir: str, task: str) -> tuple[str, str]:
   """Writes out_dir/<task>.npz and out_dir/<task>.png; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  npz = os.path.join(out_dir, f'{task}.npz')
-  np.savez(npz, **arrays)
+  npz = paths.write_file(os.path.join(out_dir, f'{task}.npz'), lambda f: np.savez(f, **arrays))
   png = images_lib.save_png(figure(arrays), os.path.join(out_dir, f'{task}.png'))
   return npz, png
 
@@ -269,6 +281,7 @@ def write(arrays: dict[str, np.ndarray], out_dir: str, task: str) -> tuple[str, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
   try:
@@ -280,6 +293,8 @@ def main(argv):
                       class_label=FLAGS.class_label)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if jax.process_index() != 0:  # Every process edited (its share of each batch) and holds all images.
+    return
   npz, png = write(arrays, FLAGS.out, FLAGS.task)
   shapes = ', '.join(f'{k} {v.shape}' for k, v in arrays.items())
   print(f'Wrote {npz}: uint8 {shapes} ({FLAGS.task}, step {model.step}, {model.which_params}).')

@@ -27,11 +27,12 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
@@ -43,6 +44,8 @@ from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import metrics
 from cm_jax import multihost
+from cm_jax import paths
+from cm_jax import sharding
 
 MNIST_FAMILY = input_pipeline.MNIST_FAMILY
 REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cached reference features.
@@ -51,11 +54,17 @@ FEATURE_NETS = ('auto', 'classifier', 'inception')
 
 @dataclasses.dataclass(frozen=True)
 class FeatureNet:
-  """A feature network: images uint8 (N, H, W, C) -> (features (N, D), class probabilities (N, K))."""
+  """A feature network: images uint8 (N, H, W, C) -> (features (N, D), class probabilities (N, K)).
+
+  fn splits the images over every device of every process (a collective: in a multi-process run every
+  process calls it with the same images, and each gets all the features); local_fn computes them with this
+  process alone (for work done by one process, such as the cached reference features); None: fn is local.
+  """
   kind: str  # 'classifier' | 'inception'
   fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
   cache_id: str  # Changes whenever the features would.
   protocol: dict
+  local_fn: Optional[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]] = None
 
   @property
   def fd_key(self) -> str:
@@ -84,15 +93,17 @@ def make_feature_net(config: ml_collections.ConfigDict) -> FeatureNet:
       raise ValueError(f"evaluation.feature_net = 'classifier' is for {MNIST_FAMILY}, not {config.data.name!r}; "
                        "use 'inception'.")
     net = classifier_lib.load_or_train(config)
-    return FeatureNet('classifier', lambda x: net(x, ev.batch_size), net.cache_id, net.protocol())
+    return FeatureNet('classifier', lambda x: net(x, ev.batch_size, devices=jax.devices()), net.cache_id,
+                      net.protocol(), local_fn=lambda x: net(x, ev.batch_size, devices=jax.local_devices()))
   from cm_jax import inception  # pylint: disable=g-import-not-at-top  (TensorFlow only when needed)
   path = inception.resolve_weights(ev.inception_path, classifier_lib.cache_dir(config))
   net = inception.InceptionNet(path)
   protocol = dict(net.protocol(), comparable_to_published_fid=True,
                   note='Published FIDs use 50,000 samples and a fixed reference set (CIFAR-10: the 50,000 '
                        'train images); other sample counts or splits shift the numbers.')
-  return FeatureNet('inception', lambda x: net(x, min(ev.batch_size, 100)), protocol['graph_sha256'][:16],
-                    protocol)
+  local_fn = lambda x: net(x, min(ev.batch_size, 100))  # TensorFlow on this host's CPU.
+  return FeatureNet('inception', lambda x: sharding.split_over_processes(local_fn, x),
+                    protocol['graph_sha256'][:16], protocol, local_fn=local_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +144,7 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
   else:
     logging.info('Computing reference features of %d %s images (cached afterwards in %s).', len(images),
                  ev.reference_split, path)
-    features, _ = net.fn(images)
+    features, _ = (net.local_fn or net.fn)(images)  # This process alone (process 0 first: see below).
     features = features.astype(np.float32)
     atomic_file.write_atomic(path, lambda f: np.savez(f, features=features))
   return Reference(features, metrics.FeatureStats.from_features(features), info)
@@ -279,7 +290,7 @@ def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Seque
   if model.num_classes:
     protocol['class_labels'] = (f'drawn uniformly from the {model.num_classes} classes (label i from (seed, i), '
                                 'cm_jax.inference.draw_labels)')
-  out = {'workdir': os.path.abspath(model.workdir), 'checkpoint_step': model.step,
+  out = {'workdir': paths.absolute(model.workdir), 'checkpoint_step': model.step,
          'params': model.which_params, 'dataset': model.config.data.name, 'seed': seed,
          'protocol': protocol, 'results': results}
   if search_points:
@@ -301,6 +312,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
+  multihost.define_flags()
   flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
   flags.DEFINE_integer('num', 10_000, 'Samples per sampler (published FIDs: 50000).')
   flags.DEFINE_list('steps', None, 'Sampling steps to evaluate, e.g. 1,2 (default: 1,2 for consistency models, '
@@ -329,6 +341,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
@@ -352,16 +365,15 @@ def main(argv):
     samplers = [inference.make_sampler(config, FLAGS.sampler, s, times) for s in step_counts]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  evaluator = make_evaluator(config)
+  evaluator = make_evaluator_on_all_processes(config)
   out = evaluate(model, evaluator, samplers, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                  search_points=FLAGS.search_points if FLAGS.search_two_step else 0, search_num=FLAGS.search_num,
                  memorization_num=FLAGS.memorization)
   text = json.dumps(out, indent=1)
-  if FLAGS.output:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, 'w') as f:
-      f.write(text + '\n')
-  sys.stdout.write(text + '\n')
+  if jax.process_index() == 0:  # Every process computed the same report; one writes it.
+    if FLAGS.output:
+      paths.write_file(FLAGS.output, lambda f: f.write((text + '\n').encode()))
+    sys.stdout.write(text + '\n')
 
 
 if __name__ == '__main__':

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from cm_jax import paths
 
 
 def make_grid(images_BHWC: np.ndarray, pad: int = 2, pad_value: int = 128, cols: int | None = None) -> np.ndarray:
@@ -34,8 +36,10 @@ def side_by_side(panels: list[np.ndarray], gap: int = 8, pad_value: int = 255) -
 
 
 def save_png(image_HWC: np.ndarray, path: str) -> str:
-  """Writes a uint8 (H, W, 1|3) image as PNG, creating the directory; returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes a uint8 (H, W, 1|3) image as PNG (a local path or a URI such as gs://...), creating the directory;
+  returns the path."""
   img = image_HWC[..., 0] if image_HWC.shape[-1] == 1 else image_HWC
-  Image.fromarray(img).save(path)
+  encoded = io.BytesIO()
+  Image.fromarray(img).save(encoded, format='PNG')  # Encoded first: a failure writes no file.
+  paths.write_file(path, lambda f: f.write(encoded.getvalue()))
   return path

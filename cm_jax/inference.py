@@ -11,37 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import input_pipeline
 from cm_jax import karras
-from cm_jax import models
 from cm_jax import sampling
+from cm_jax import sharding
 from cm_jax import train_state as ts
-from cm_jax.denoiser import Denoiser
+# make_denoiser and is_diffusion_model live beside the Denoiser (light imports); re-exported for callers.
+from cm_jax.denoiser import Denoiser, is_diffusion_model, make_denoiser  # pylint: disable=unused-import
 
 # Class labels of a class-conditional model: None (drawn uniformly), one class for all samples, or one each.
 LabelsArg = Union[None, int, Sequence[int], np.ndarray]
-
-
-def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
-  """True for an EDM denoiser (loss 'edm'), False for a consistency model."""
-  return config.loss.name == 'edm'
-
-
-def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
-  """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted), or for an
-  EDM teacher the denoiser D (eps = 0)."""
-  cc = config.consistency
-  sigma_min = 0.0 if is_diffusion_model(config) else cc.sigma_min
-  network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
-  return Denoiser(network, sigma_data=cc.sigma_data, sigma_min=sigma_min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,42 +175,87 @@ class LoadedModel:
     return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler, labels))
 
 
-def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict):
-  """jit(sample_from_keys) as fn(params, keys, sampler, shape_BHWC).
+def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None):
+  """jit(sample_from_keys) as run(params, keys, sampler, shape_BHWC, labels=None), split over the devices of
+  `mesh` (default: every device of every process, sharding.make_mesh()).
+
+  The batch axis of keys, labels and samples is sharded over the mesh's 'data' axis and params are
+  replicated, so each of the n devices computes B / n samples. A batch that n does not divide is padded to a
+  multiple of n (the last key repeated) and the result cut back to B rows. Returns a global jax.Array
+  (`sharding.to_host` brings all of it to every process). In a multi-process run every process calls run
+  with the same keys and labels. `run.mesh` is the mesh.
 
   Compiled once per (sampler name, steps, shape): the intermediate times are a traced argument, so trying
   many times (the two-step search) does not recompile.
   """
-  @functools.partial(jax.jit, static_argnames=('sampler', 'shape'))
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+  @functools.partial(jax.jit, static_argnames=('sampler', 'shape'),
+                     in_shardings=(replicated, batch, replicated, batch), out_shardings=batch)
   def traced(params, keys, times, labels, sampler, shape):
     return sample_from_keys(denoiser, params, keys, shape, sampler, config, times=times, labels_B=labels)
 
-  def run(params, keys, sampler: Sampler, shape, labels=None):
+  def arguments(params, keys, sampler: Sampler, shape, labels):
+    num = keys.shape[0]
+    if shape[0] != num:
+      raise ValueError(f'{num} keys for a batch of shape {tuple(shape)}.')
+    size = sharding.padded_batch_size(num, mesh)
+    keys = sharding.shard_batch(sharding.pad_rows(keys, size), mesh)
+    if labels is not None:
+      labels = labels if isinstance(labels, jax.Array) else np.asarray(labels, np.int32)
+      labels = sharding.shard_batch(sharding.pad_rows(labels, size), mesh)
     times = np.asarray(sampler.times, np.float32)
+    if mesh.is_multi_process:  # jit takes only global arrays there (sample_in_batches replicates params once).
+      params, times = sharding.replicate((params, times), mesh)
     placeholder = dataclasses.replace(sampler, times=(0.0,) * len(sampler.times))  # The static part only.
-    return traced(params, keys, times, labels, placeholder, shape)
+    return (params, keys, times, labels, placeholder, (size,) + tuple(shape[1:])), num
+
+  def run(params, keys, sampler: Sampler, shape, labels=None):
+    args, num = arguments(params, keys, sampler, shape, labels)
+    x = traced(*args)
+    return x if x.shape[0] == num else x[:num]
+
+  def lower(params, keys, sampler: Sampler, shape, labels=None):
+    """The jax.stages.Lowered program that run(...) executes with these arguments (for cost and HLO checks)."""
+    return traced.lower(*arguments(params, keys, sampler, shape, labels)[0])
+
+  run.mesh, run.lower = mesh, lower
   return run
 
 
 def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int, batch_size: int,
-                      image_shape: tuple[int, ...], labels: Optional[np.ndarray] = None) -> np.ndarray:
+                      image_shape: tuple[int, ...], labels: Optional[np.ndarray] = None,
+                      before_batch: Optional[Callable[[], None]] = None) -> np.ndarray:
   """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape, labels)` (a jitted
-  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i) and labels[i], whatever the batch size."""
+  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i) and labels[i], whatever the batch size.
+
+  For a `make_sample_fn` function each batch is split over its mesh: min(batch_size, num) is rounded up to
+  a multiple of the device count (rows past num get the keys of the following indices and are dropped), and
+  every process gets all num samples (in a multi-process run every process must call this together).
+  before_batch() runs before each batch (training passes its preemption check, which may raise).
+  """
   if num < 1 or batch_size < 1:
     raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
   if labels is not None and len(labels) != num:
     raise ValueError(f'{len(labels)} labels for {num} samples.')
+  mesh = getattr(sample_fn, 'mesh', None)
   batch_size = min(batch_size, num)
+  if mesh is not None:
+    batch_size = sharding.padded_batch_size(batch_size, mesh)
+    params = sharding.replicate(params, mesh)  # Once, not at every batch.
   seed_key = jax.random.PRNGKey(seed)
   out = []
   for start in range(0, num, batch_size):
+    if before_batch is not None:
+      before_batch()
     keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
     batch_labels = None
     if labels is not None:
       batch_labels = np.zeros((batch_size,), np.int32)
       batch_labels[:min(batch_size, num - start)] = labels[start:start + batch_size]
     x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape), batch_labels)
-    out.append(np.asarray(jax.device_get(x))[:num - start])
+    out.append(sharding.to_host(x)[:num - start])
   return np.concatenate(out)[:num]
 
 
@@ -282,7 +314,7 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
                             f'available steps: {sorted(steps)}.')
   config = checkpointing.restore_config(manager, step)
   tx = ts.make_optimizer(config)
-  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
+  replicated = sharding.replicated(sharding.make_mesh())  # The mesh make_sample_fn shards batches over.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(functools.partial(ts.init_state, config, tx)))
   state = checkpointing.restore_parameters(manager, abstract, step)

@@ -17,7 +17,6 @@ data.image_size are centre-cropped to a square and resized (cm_jax/data/transfor
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import os
 from typing import Any, Optional
@@ -32,51 +31,14 @@ from cm_jax.data import tfds_source
 from cm_jax.data.dataset import (array_fingerprint, ArrayDataset, Dataset,  # pylint: disable=unused-import
                                  DataUnavailableError)
 from cm_jax.data.idx import read_idx  # pylint: disable=unused-import
+# The dataset table, image shapes and pixel scaling live in light modules (no TFDS, PIL or absl) that the train
+# step and benchmarks import; re-exported here.
+from cm_jax.data.catalog import DatasetSpec, image_shape, SUPPORTED
+from cm_jax.data.catalog import dataset_spec as _spec, image_size as _size
+from cm_jax.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
 
 STANDARD_LOCAL_ROOT = '/usr/share/datasets'
 MNIST_FAMILY = ('mnist', 'fashion_mnist')
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """Static facts about a supported dataset."""
-  kind: str  # 'idx' (MNIST family: IDX files or TFDS) | 'tfds' | 'folder'.
-  default_size: int  # Side of the images when data.image_size = 0.
-  channels: int
-  num_classes: Optional[int]  # None: from the folder listing.
-  tfds_name: Optional[str] = None
-  tfds_config: Optional[str] = None  # Default builder config (data.tfds_config overrides it).
-  test_split: str = 'test'  # The TFDS split that cm_jax's 'test' reads.
-  downloadable: bool = True  # Whether TFDS can download it without a login.
-  local_dirs: tuple[str, ...] = ()  # Directory names under STANDARD_LOCAL_ROOT (MNIST family).
-  install_hint: str = ''  # How to get the data locally.
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return (self.default_size, self.default_size, self.channels)
-
-
-_MANUAL_IMAGENET = ('it cannot be downloaded automatically (the downsampled ImageNet files need an image-net.org '
-                    'account): on a machine with access run `tfds build imagenet_resized/64x64 --data_dir=DIR '
-                    '--file_format=array_record`, copy DIR here and set --config.data.data_dir=DIR')
-SUPPORTED: dict[str, DatasetSpec] = {
-    'mnist': DatasetSpec('idx', 28, 1, 10, 'mnist', local_dirs=('mnist',), install_hint=(
-        'no Debian package ships the MNIST IDX files (`apt-cache search mnist` only finds dataset-fashion-mnist)')),
-    'fashion_mnist': DatasetSpec('idx', 28, 1, 10, 'fashion_mnist', local_dirs=('fashion-mnist',), install_hint=(
-        'install the Debian package: `apt-get install dataset-fashion-mnist`')),
-    'cifar10': DatasetSpec('tfds', 32, 3, 10, 'cifar10'),
-    'imagenette': DatasetSpec('tfds', 64, 3, 10, 'imagenette', '160px-v2', test_split='validation'),
-    'imagenet64': DatasetSpec('tfds', 64, 3, 1000, 'imagenet_resized', '64x64', test_split='validation',
-                              downloadable=False, install_hint=_MANUAL_IMAGENET),
-    'image_folder': DatasetSpec('folder', 64, 3, None),
-}
-
-
-def _spec(data_config: Any) -> tuple[str, DatasetSpec]:
-  name = data_config.get('name')
-  if name not in SUPPORTED:
-    raise ValueError(f'Unknown dataset data.name={name!r}; supported: {sorted(SUPPORTED)}.')
-  return name, SUPPORTED[name]
 
 
 def _source(data_config: Any) -> str:
@@ -84,10 +46,6 @@ def _source(data_config: Any) -> str:
   if source not in ('auto', 'tfds', 'local'):
     raise ValueError(f"data.source must be 'auto', 'tfds' or 'local', got {source!r}.")
   return source
-
-
-def _size(spec: DatasetSpec, data_config: Any) -> int:
-  return int(data_config.get('image_size', 0) or 0) or spec.default_size
 
 
 # ----------------------------------------------------------------------- TFDS (hooks tests replace).
@@ -280,16 +238,6 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
   return ArrayDataset(images, labels, num_classes(data_config), _fingerprint=fingerprint)
 
 
-def image_shape(data_config: Any) -> tuple[int, int, int]:
-  """(H, W, C) of the training images that data_config describes (after padding or resizing); reads no data."""
-  _, spec = _spec(data_config)
-  if spec.kind == 'idx':
-    pad_to = data_config.get('pad_to', 0)
-    return (pad_to, pad_to, 1) if pad_to else spec.image_shape
-  size = _size(spec, data_config)
-  return size, size, 3
-
-
 def num_classes(data_config: Any) -> int:
   """Number of classes (labels lie in [0, num_classes)); for an image folder from its class map or subdirectories,
   decoding nothing."""
@@ -382,17 +330,3 @@ class BatchStream:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-# ------------------------------------------------------------------------------------- Scaling.
-def to_model_range(x_uint8: Any) -> Any:
-  """uint8 [0, 255] -> float32 [-1, 1]; works on numpy and jax arrays."""
-  if not hasattr(x_uint8, 'astype'):
-    x_uint8 = np.asarray(x_uint8)
-  return x_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def to_uint8(x: Any) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255] with rounding and clipping (numpy)."""
-  x = np.nan_to_num(np.asarray(x, np.float32), nan=-1.0)
-  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,12 +1,101 @@
-"""Multi-process helpers: every process (one per host, or per GPU) runs the same code."""
+"""Multi-process set-up and preemption: every process (one per host, or per GPU) runs the same code.
+
+Every CLI calls `initialize(...)` (through `define_flags()` / `initialize_from_flags()`) before it touches a
+device: JAX's own cluster detection on TPU pods and SLURM, explicit --coordinator_address / --num_processes /
+--process_id anywhere else, and a plain single process when there is neither.
+
+`StopSignal` turns SIGTERM (the notice that TPU and cloud VMs get before preemption) and SIGINT (Ctrl-C) into
+a request to stop at a step that every process agrees on, so that they all save the same checkpoint.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import signal
+import threading
+from typing import Callable, Optional, TypeVar
 
+from absl import flags
+from absl import logging
 import jax
 
 T = TypeVar('T')
+
+
+# ------------------------------------------------------------------------------------------------
+# jax.distributed.
+# ------------------------------------------------------------------------------------------------
+def detected_cluster() -> Optional[str]:
+  """The name of the cluster environment JAX's automatic initialisation would use (SLURM, a Cloud TPU pod,
+  ...), or None. Uses JAX's own registry of cluster environments, the one jax.distributed.initialize() reads."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    cluster_types = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    logging.warning('This JAX (%s) does not expose its cluster detection to cm_jax: multi-process runs need '
+                    '--coordinator_address, --num_processes and --process_id.', jax.__version__)
+    return None
+  for env in cluster_types:
+    if not getattr(env, 'opt_in_only_method', False) and env.is_env_present():
+      return env.__name__
+  return None
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Starts jax.distributed when this is (or may be) one process of many; call before any device use.
+
+  With all three arguments: explicit start (any machines that reach each other over TCP). With none: JAX's
+  cluster detection (TPU pod slices, SLURM, Open MPI, Kubernetes TPU jobs), else a single process. A second
+  call, or a call after jax.distributed.initialize, does nothing.
+  """
+  explicit = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+              'process_id': process_id}
+  given = {k for k, v in explicit.items() if v is not None}
+  if given and len(given) < 3:
+    missing = ', '.join(f'--{k}' for k in explicit if k not in given)
+    raise ValueError(f'Multi-process start: {", ".join("--" + k for k in sorted(given))} given without {missing}; '
+                     'give all three (or none, on a TPU pod or under SLURM).')
+  if given:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in [0, --num_processes={num_processes}).')
+  if jax.distributed.is_initialized():
+    return
+  if not given:
+    cluster = detected_cluster()
+    if cluster is None:
+      return
+    logging.info('Starting jax.distributed from the %s environment.', cluster)
+  # CPU processes talk through gloo over TCP (GPUs and TPUs use their own interconnect).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  logging.info('Process %d of %d; %d local devices of %d.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def define_flags() -> None:
+  """--coordinator_address, --num_processes and --process_id for a CLI's main module."""
+  flags.DEFINE_string('coordinator_address', None, 'Multi-process runs outside TPU pods and SLURM: HOST:PORT of '
+                      'process 0, the same on every process (e.g. 10.0.0.1:8476).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes (one per host or per GPU).')
+  flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index in [0, --num_processes).')
+
+
+def initialize_from_flags() -> None:
+  """initialize() with the flags of define_flags(); processes other than 0 then log warnings and errors only
+  (process 0 speaks for the run)."""
+  f = flags.FLAGS
+  initialize(f.coordinator_address, f.num_processes, f.process_id)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process got here (a coordination-service barrier: no device collective, so a long wait,
+  e.g. for a download or a slow compile on another host, does not time out a collective library)."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def process_zero_first(fn: Callable[[], T], barrier_name: str) -> T:
@@ -17,7 +106,73 @@ def process_zero_first(fn: Callable[[], T], barrier_name: str) -> T:
   """
   if jax.process_count() == 1:
     return fn()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   result = fn() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(barrier_name)
+  barrier(barrier_name)
   return result if jax.process_index() == 0 else fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM and SIGINT.
+# ------------------------------------------------------------------------------------------------
+class Preempted(Exception):
+  """Raised from inside long work (evaluation) when every process has agreed to stop."""
+
+
+class StopSignal:
+  """Turns SIGTERM and SIGINT into an agreed stop; a context manager around the training loop.
+
+  `reached()` is called at the same points on every process (after each train step, between evaluation
+  batches); it returns True at the same call on all of them once any process got a signal.
+  - One process: the signal handlers set a flag that the next `reached()` returns.
+  - Several processes (jax.distributed): JAX's preemption sync manager, which catches SIGTERM itself and
+    picks the first call that every process can still reach; SIGINT is passed on to it as a SIGTERM.
+  A second SIGINT stops at once with KeyboardInterrupt (the last saved checkpoint is kept).
+  Outside the main thread (no signal handlers there) it never stops the run.
+  """
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None  # The first signal received.
+    self._count = 0
+    self._previous = {}
+    self._distributed = jax.process_count() > 1
+
+  def __enter__(self) -> 'StopSignal':
+    if threading.current_thread() is not threading.main_thread():
+      logging.info('Not in the main thread: SIGTERM/SIGINT will not stop this run with a checkpoint.')
+      return self
+    signals = (signal.SIGINT,) if self._distributed else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    self.signal_name = self.signal_name or name
+    logging.warning('Got %s: stopping at the next step that every process reaches, with a checkpoint there '
+                    '(Ctrl-C again to stop at once without one).', name)
+    if self._distributed and signum != signal.SIGTERM:
+      import os  # pylint: disable=g-import-not-at-top
+      os.kill(os.getpid(), signal.SIGTERM)  # Into JAX's preemption notifier, which informs every process.
+
+  def reached(self) -> bool:
+    """Whether to stop here; the same answer on every process at the same call."""
+    self._count += 1
+    if not self._distributed:
+      return self.signal_name is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    stop = multihost_utils.reached_preemption_sync_point(self._count)
+    if stop and self.signal_name is None:
+      self.signal_name = 'SIGTERM'  # Received by another process (or by the C++ notifier here).
+    return stop
+
+  def check(self) -> None:
+    """Raises Preempted if reached(): for loops inside long work such as evaluation."""
+    if self.reached():
+      raise Preempted(self.signal_name)

@@ -18,15 +18,19 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from cm_jax import images
 from cm_jax import inference
+from cm_jax import multihost
+from cm_jax import paths
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
+  multihost.define_flags()
   flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
   flags.DEFINE_integer('num', 10_000, 'Number of samples.')
   flags.DEFINE_integer('steps', None, 'Consistency models: network evaluations, 1 (default) or more (CM '
@@ -49,6 +53,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   if not FLAGS.out.endswith('.npz'):
     raise app.UsageError(f'--out must end in .npz, got {FLAGS.out!r}.')
@@ -67,8 +72,9 @@ def main(argv):
   t0 = time.time()
   samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                          sampler=FLAGS.sampler, labels=labels)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  np.savez(FLAGS.out, *((samples,) if labels is None else (samples, labels)))
+  if jax.process_index() != 0:  # Every process sampled (its share of each batch) and holds all samples.
+    return
+  paths.write_file(FLAGS.out, lambda f: np.savez(f, *((samples,) if labels is None else (samples, labels))))
   print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')
   if FLAGS.grid:
     png = os.path.splitext(FLAGS.out)[0] + '.png'

@@ -149,3 +149,4 @@ def diffusion_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, sigmas: np.ndarra
     x, _ = jax.lax.scan(body, x, (jnp.asarray(sigmas[:-2]), jnp.asarray(sigmas[1:-1])))
   x = denoise_fn(x, jnp.full((batch,), sigmas[-2]))  # The Euler step to sigma = 0.
   return jnp.clip(x, -1.0, 1.0) if clip else x
+

@@ -7,7 +7,6 @@ through Orbax (inference.load) before anything is traced; the losses receive the
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Optional
 
 from absl import logging
@@ -17,6 +16,7 @@ import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import inference
+from cm_jax import paths
 
 # Fields where the student must agree with its teacher whatever the initialisation.
 _SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',
@@ -98,7 +98,7 @@ def fingerprint(teacher: inference.LoadedModel, workdir: str) -> dict:
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(jax.device_get(teacher.params)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  return {'workdir': os.path.abspath(workdir), 'step': int(teacher.step), 'params': teacher.which_params,
+  return {'workdir': paths.absolute(workdir), 'step': int(teacher.step), 'params': teacher.which_params,
           'sha256': digest.hexdigest()}
 
 

@@ -18,7 +18,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -31,34 +30,42 @@ from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import losses
 from cm_jax import multihost
+from cm_jax import paths
 from cm_jax import sampling
+from cm_jax import sharding
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
 from cm_jax.train_step import train_step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
-  """Trains (or resumes) the run in `workdir` up to config.training.num_steps; returns the final state."""
+  """Trains (or resumes) the run in `workdir` up to config.training.num_steps; returns the final state.
+
+  On SIGTERM or SIGINT it stops after a step that every process reaches, saves a checkpoint there and returns
+  that step's state (in the main thread; elsewhere signals keep their usual effect).
+  """
   config_validation.validate(config)
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', previous or config.training.disable_most_optimizations)
   try:
-    return _train(config, workdir)
+    # SIGTERM (preemption notice) or SIGINT: every process stops at one agreed step and saves it.
+    with multihost.StopSignal() as stop_signal:
+      return _train(config, workdir, stop_signal)
   finally:  # A process-wide setting: leave it as it was for later runs in the same notebook or test.
     jax.config.update('jax_disable_most_optimizations', previous)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multihost.StopSignal) -> ts.TrainState:
   tc = config.training
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ----------------------------------------------------------------------------------------------
   # Mesh: one ('data',) axis over every device of every process.
   # ----------------------------------------------------------------------------------------------
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
+  mesh = sharding.make_mesh()
+  replicated = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   config_validation.validate_batch(tc.batch_size, jax.device_count(), jax.process_count())
 
   # ----------------------------------------------------------------------------------------------
@@ -85,6 +92,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
   # ----------------------------------------------------------------------------------------------
   manager = checkpointing.make_manager(workdir, config)
+  # N(k)/mu(k) and lr-decay horizons are fixed when a run starts (and recorded in its checkpoints): raising
+  # training.num_steps later extends the run on the schedule it was trained with.
+  config = ts.pin_schedule_horizons(config, checkpointing.saved_config(manager))
 
   try:  # The EDM teacher of 'cd' and 'ect', pinned to the one this run's checkpoints record.
     teacher, teacher_record = teacher_lib.pin(config, (checkpointing.saved_data(manager) or {}).get('teacher'))
@@ -100,11 +110,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
   tx = ts.make_optimizer(config)
   abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  # Replicated (data parallel), or FSDP: parameters, EMAs and optimizer state split over the devices.
+  state_sharding = sharding.state_shardings(abstract_state, mesh, tc.sharding, tc.fsdp_min_size)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info('Model: %s parameters (%s); image shape %s; %s; %d devices, %d processes.', f'{num_params:,}',
                tc.precision, image_shape, f'{config.model.num_classes} classes' if class_conditional else
                'unconditional', jax.device_count(), jax.process_count())
+  logging.info('Train state (%s): %s.', tc.sharding, sharding.describe(abstract_state, state_sharding))
 
   # ----------------------------------------------------------------------------------------------
   # Restore, or start fresh.
@@ -139,15 +151,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
   # ----------------------------------------------------------------------------------------------
   # Compiled functions.
   # ----------------------------------------------------------------------------------------------
+  t0 = time.time()
+  batch_shapes = ((tc.batch_size,) + image_shape, (tc.batch_size,))
+  abstract_batch = (jax.ShapeDtypeStruct(batch_shapes[0], np.uint8, sharding=batch_sharding),
+                    jax.ShapeDtypeStruct(batch_shapes[1], np.int32, sharding=batch_sharding)
+                    if class_conditional else None)
   p_train_step = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
                                            target_decay=objective.target_decay, tx=tx, config=config),
                          in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
+                         out_shardings=(state_sharding, None), donate_argnums=0,
+                         ).lower(state, abstract_batch, teacher_params).compile()
+  logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+  # Processes whose compile took longer (another host, a busy machine) catch up here, not in the first
+  # collective, whose set-up may time out sooner.
+  multihost.barrier('cm_jax_train_step_compiled')
   grid_shape = (tc.num_eval_samples,) + image_shape
   grid_samplers = inference.grid_samplers(config)
   grid_labels = inference.grid_labels(config, tc.num_eval_samples)
   p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape, grid_samplers,
-                                                         grid_labels))
+                                                         grid_labels), out_shardings=replicated)
 
   def write_samples(step: int, state: ts.TrainState) -> None:
     grid = sample_grid_from(p_sample_grid, state, config)
@@ -165,7 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     except BaseException:
       manager.close()
       raise
-  p_sample = inference.make_sample_fn(denoiser, config)
+  p_sample = inference.make_sample_fn(denoiser, config, mesh=mesh)
 
   def write_scores(step: int, state: ts.TrainState) -> None:
     params = sampling_params(state)
@@ -174,7 +196,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       t0 = time.time()
       samples = input_pipeline.to_uint8(inference.sample_in_batches(
           p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape,
-          inference.draw_labels(config, ev.num_samples, ev.seed)))
+          inference.draw_labels(config, ev.num_samples, ev.seed), before_batch=stop_signal.check))
       for key, value in evaluator.score(samples).items():
         if key != 'precision_recall_k':
           scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
@@ -204,19 +226,32 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
       pending.append((step, metrics))
       done = step + 1
       report(done)
-      if done % tc.log_every == 0 or done == tc.num_steps:
+      stop = stop_signal.reached()
+      if done % tc.log_every == 0 or done == tc.num_steps or stop:
         read_pending()
         writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
         accumulated.clear()
-      if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+      saved = done % tc.checkpoint_every == 0 or done == tc.num_steps or stop
+      if saved:
         read_pending()  # Never save a state whose step produced a non-finite loss.
         checkpointing.save(manager, state, config, data_fingerprint)
-      if done % tc.eval_every == 0 or done == tc.num_steps:
-        write_samples(done, state)
-      if ev.every and (done % ev.every == 0 or done == tc.num_steps):
-        write_scores(done, state)
+      try:
+        if not stop and (done % tc.eval_every == 0 or done == tc.num_steps):
+          write_samples(done, state)
+        if not stop and ev.every and (done % ev.every == 0 or done == tc.num_steps):
+          write_scores(done, state)
+      except multihost.Preempted:
+        stop = True
+        if not saved:
+          checkpointing.save(manager, state, config, data_fingerprint)
+      if stop:
+        manager.wait_until_finished()
+        logging.warning('Stopped by %s after step %d; saved its checkpoint in %s. Run the same command to '
+                        'resume from it.', stop_signal.signal_name, done, checkpointing.checkpoint_dir(workdir))
+        break
     if start_step < tc.num_steps:
-      logging.info('Trained steps %d..%d in %.1f s.', start_step, tc.num_steps, time.time() - t0)
+      logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)),
+                   time.time() - t0)
   finally:
     # Also on an error or interrupt: let pending async saves finish, so the last good checkpoint is kept.
     manager.wait_until_finished()
@@ -249,8 +284,8 @@ def check_finite(step: int, metrics) -> dict:
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
     raise FloatingPointError(
-        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). The run stops here; the last good '
-        'checkpoint is kept. Restarting resumes from it: try a lower --config.optim.lr or gradient clipping '
+        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). '
+        'The run stops here; the last good checkpoint is kept. Restarting resumes from it: try a lower --config.optim.lr or gradient clipping '
         '(--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
   return host
 
@@ -262,6 +297,7 @@ def define_flags() -> None:
   """CLI flags; defined only when this module runs as the main program, so importing it defines none."""
   config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard logs, sample grids.')
+  multihost.define_flags()
 
 
 def quiet_orbax_info_logs() -> None:
@@ -277,6 +313,7 @@ def main(argv):
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
   quiet_orbax_info_logs()
+  multihost.initialize_from_flags()
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

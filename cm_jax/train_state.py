@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from cm_jax import models
+from cm_jax.data import catalog
 
 
 @flax.struct.dataclass
@@ -55,9 +56,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the training images after padding."""
-  from cm_jax import input_pipeline  # Local import: input_pipeline pulls in TFDS.
-  return input_pipeline.image_shape(config.data)
+  """(H, W, C) of the training images after padding or resizing, from config.data alone (reads no data)."""
+  return catalog.image_shape(config.data)
 
 
 def has_target_ema(config: ml_collections.ConfigDict) -> bool:
@@ -101,3 +101,31 @@ def ema_decay(rate: float, step, warmup: bool):
 
 def ema_update(ema, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+# Fields whose None means "training.num_steps": the horizons of the lr decay and of the N(k)/mu(k) curriculum.
+SCHEDULE_HORIZONS = ('loss.total_steps', 'optim.decay_steps')
+
+
+def pin_schedule_horizons(config: ml_collections.ConfigDict,
+                          saved: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """A copy of `config` whose schedule horizons (SCHEDULE_HORIZONS) are numbers, fixed when the run started.
+
+  A fresh run (saved is None) pins None to training.num_steps. A resumed run keeps the horizon its checkpoint
+  recorded (checkpoints written before horizons were pinned recorded None: their training.num_steps), so
+  raising training.num_steps to extend a finished run continues the schedules it was trained with instead of
+  stretching them. A value the user sets explicitly wins (and is logged as a change on resume).
+  """
+  config = config.copy_and_resolve_references()
+  for field in SCHEDULE_HORIZONS:
+    section, name = field.split('.')
+    if config[section][name] is not None:
+      continue
+    if saved is None:
+      value = config.training.num_steps
+    else:
+      value = saved[section].get(name)
+      value = saved.training.num_steps if value is None else value
+    with config.unlocked():
+      config[section][name] = int(value)
+  return config

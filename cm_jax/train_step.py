@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cm_jax import input_pipeline
+from cm_jax import pixels
 from cm_jax import train_state as ts
 
 
@@ -24,7 +24,7 @@ def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_d
   batch_BHWC, labels_B = batch
   rng = jax.random.fold_in(state.rng, state.step)
   rng_flip, rng_loss = jax.random.split(rng)
-  x0_BHWC = input_pipeline.to_model_range(batch_BHWC)
+  x0_BHWC = pixels.to_model_range(batch_BHWC)
   if config.data.random_flip:
     flip_B = jax.random.bernoulli(rng_flip, 0.5, (x0_BHWC.shape[0],))
     x0_BHWC = jnp.where(flip_B[:, None, None, None], x0_BHWC[:, :, ::-1, :], x0_BHWC)

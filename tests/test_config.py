@@ -11,7 +11,7 @@ import pytest
 
 from cm_jax import config_validation
 from cm_jax import train_state as ts
-from configs import default
+from cm_jax.configs import default
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, 'configs', '*.py')))

@@ -16,7 +16,7 @@ from cm_jax import inference
 from cm_jax import teacher as teacher_lib
 from cm_jax import train
 from cm_jax import train_state as ts
-from configs import test as test_config
+from cm_jax.configs import test as test_config
 
 MOCK_EXAMPLES = 40
 

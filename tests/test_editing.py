@@ -22,7 +22,7 @@ from cm_jax import models
 from cm_jax import sampling
 from cm_jax import train
 from cm_jax.denoiser import Denoiser
-from configs import test as test_config
+from cm_jax.configs import test as test_config
 
 EPS, T = 0.002, 80.0
 BOUNDS = dict(sigma_min=EPS, sigma_max=T)

@@ -19,7 +19,7 @@ from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import sampling
 from cm_jax import train
-from configs import test as test_config
+from cm_jax.configs import test as test_config
 import fake_inception
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

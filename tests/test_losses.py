@@ -17,7 +17,7 @@ import pytest
 from cm_jax import karras
 from cm_jax import losses
 from cm_jax import sampling
-from configs import default
+from cm_jax.configs import default
 
 EPS, T, RHO, SD = 0.002, 80.0, 7.0, 0.5
 IMAGE_SHAPE = (4, 4, 1)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cm_jax import models
-from configs import default
-from configs import test as test_config
+from cm_jax.configs import default
+from cm_jax.configs import test as test_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO_ROOT, 'tests', 'models_golden.npz')

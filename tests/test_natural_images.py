@@ -14,7 +14,7 @@ import pytest
 from cm_jax import evaluate
 from cm_jax import inference
 from cm_jax import train
-from configs import test as test_config
+from cm_jax.configs import test as test_config
 from test_train import tiny_config, tree_equal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

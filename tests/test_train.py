@@ -14,7 +14,7 @@ from cm_jax import checkpointing
 from cm_jax import inference
 from cm_jax import losses
 from cm_jax import train
-from configs import test as test_config
+from cm_jax.configs import test as test_config
 
 
 def tiny_config(**overrides):

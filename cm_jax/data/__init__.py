@@ -1,5 +1,6 @@
 """Per-source data readers behind cm_jax.input_pipeline (the one module the rest of cm_jax calls).
 
+catalog.py       the table of supported datasets and image_shape(data_config) (standard library only)
 dataset.py       the Dataset interface (num_examples, image_shape, num_classes, fingerprint, get), in-memory arrays
 idx.py           MNIST-family IDX files
 tfds_source.py   TFDS: prepared-data checks, offline-safe downloads, whole splits, ArrayRecord random access

@@ -1,10 +1,10 @@
 """iCT on Fashion-MNIST, sized for a 30-minute training budget on a 2-core CPU with no GPU.
 
 Budget: 2400 steps of batch 32. On an idle 2-core x86 CPU the train step runs at ~1.3-1.45 steps/s
-(`python benchmarks/train_throughput.py --config=configs/fashion_mnist_ct.py`), so training takes ~30
-minutes including compilation and the eight sample grids. A 0.7M-parameter UNet (ch 16, levels 28/14/7 with
-16/32/64 channels, attention at 7x7) is what this budget affords: XLA's CPU convolutions are slow, and a
-batch of 64 or ch 32 costs 2-4x more per example.
+(measured with the predecessor of `python benchmarks/train_step.py --config=configs/fashion_mnist_ct.py`), so
+training takes ~30 minutes including compilation and the eight sample grids. A 0.7M-parameter UNet (ch 16,
+levels 28/14/7 with 16/32/64 channels, attention at 7x7) is what this budget affords: XLA's CPU convolutions
+are slow, and a batch of 64 or ch 32 costs 2-4x more per example.
 
 Choices for the short budget (measured with benchmarks/pixel_fd.py, a pixel-space proxy, not FID): Adam at
 lr 1e-3 beat 5e-4 (one-step 29.2 vs 33.4; two-step 24.9 vs 27.4 at t = 2.52); the iCT curriculum stops at
@@ -14,7 +14,7 @@ the lr trial, 24.2 vs 23.9 in the final run); t = 5.0 is the default here.
 On a GPU, scale up through the config: ch 64-128, batch 128-512, s1 1280, more steps, dropout 0.1-0.3.
 """
 
-from configs import default
+from cm_jax.configs import default
 
 
 def get_config():

@@ -13,7 +13,7 @@ cm_jax's choices for one accelerator: lr 1e-5 (CM: 8e-6 at batch 2048), batch 12
 Hardware assumed: one 80 GB A100 or H100 (a step is a student, a target and two teacher passes).
 """
 
-from configs import imagenette_edm
+from cm_jax.configs import imagenette_edm
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """EDM diffusion teacher on MNIST: configs/fashion_mnist_edm.py with data.name = 'mnist' and no flips."""
 
-from configs import fashion_mnist_edm
+from cm_jax.configs import fashion_mnist_edm
 
 
 def get_config():

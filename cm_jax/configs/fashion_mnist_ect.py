@@ -10,7 +10,7 @@ Budget: 2900 steps, about the 28 minutes of configs/fashion_mnist_ct.py on an id
 not counting the teacher's own training.
 """
 
-from configs import fashion_mnist_edm
+from cm_jax.configs import fashion_mnist_edm
 
 
 def get_config():

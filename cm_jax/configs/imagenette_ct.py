@@ -22,7 +22,7 @@ Hardware assumed: one 80 GB A100 or H100 in float32 (--config.training.precision
 faster on both; not measured).
 """
 
-from configs import default
+from cm_jax.configs import default
 
 
 def get_config():

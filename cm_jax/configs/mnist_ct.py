@@ -3,7 +3,7 @@
 Same model and budget as configs/fashion_mnist_ct.py, which documents the CPU budget it assumes.
 """
 
-from configs import fashion_mnist_ct
+from cm_jax.configs import fashion_mnist_ct
 
 
 def get_config():

@@ -5,7 +5,7 @@ or the official code's), uniform noise index, unweighted l2 (the paper used LPIP
 ship: it leaks ImageNet features into FID). Same network and budget as configs/fashion_mnist_ct.py.
 """
 
-from configs import fashion_mnist_ct
+from cm_jax.configs import fashion_mnist_ct
 
 
 def get_config():

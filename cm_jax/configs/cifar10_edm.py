@@ -20,7 +20,7 @@ Hardware assumed: 8 GPUs of the V100/A100 class (EDM trained its CIFAR-10 models
 as we read the paper; not re-measured).
 """
 
-from configs import cifar10_ct
+from cm_jax.configs import cifar10_ct
 
 
 def get_config():

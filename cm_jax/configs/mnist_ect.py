@@ -1,6 +1,6 @@
 """ECT on MNIST: configs/fashion_mnist_ect.py with data.name = 'mnist' and no flips (needs an MNIST teacher)."""
 
-from configs import fashion_mnist_ect
+from cm_jax.configs import fashion_mnist_ect
 
 
 def get_config():

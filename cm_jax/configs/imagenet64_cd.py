@@ -19,7 +19,7 @@ Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (a step is a student, a tar
 a ~296M network at batch 2048; not measured).
 """
 
-from configs import imagenet64_edm
+from cm_jax.configs import imagenet64_edm
 
 
 def get_config():

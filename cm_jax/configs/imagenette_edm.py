@@ -10,7 +10,7 @@ ImageNet-64 run used batch 4096 on many GPUs); no published Imagenette teacher e
 Hardware assumed: one 80 GB A100 or H100.
 """
 
-from configs import imagenette_ct
+from cm_jax.configs import imagenette_ct
 
 
 def get_config():

@@ -5,11 +5,11 @@ compare at equal architecture and the CD/ECT student can start from these weight
 N(-1.2, 1.2^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. Sampled with EDM Heun on an 18-point
 Karras grid (35 network calls):
     python -m cm_jax.sample --workdir=TEACHER --sampler=heun --steps=18 --num=1000 --out=teacher.npz
-Budget: 3300 steps, about the 28 minutes of the CT run on an idle 2-core CPU (~2.05 steps/s with
-`benchmarks/train_throughput.py`; an EDM step is one network pass where CT makes two).
+Budget: 3300 steps, about the 28 minutes of the CT run on an idle 2-core CPU (~2.05 steps/s with the
+predecessor of `benchmarks/train_step.py`; an EDM step is one network pass where CT makes two).
 """
 
-from configs import fashion_mnist_ct
+from cm_jax.configs import fashion_mnist_ct
 
 
 def get_config():

@@ -19,7 +19,7 @@ Data: the ImageNet train folder at 64x64, streamed, as configs/imagenet64_edm.py
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
 """
 
-from configs import imagenet64_edm
+from cm_jax.configs import imagenet64_edm
 
 
 def get_config():

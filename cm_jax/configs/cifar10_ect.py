@@ -16,7 +16,7 @@ EDM teacher with positional embeddings where cm_jax uses Fourier features (confi
 Hardware assumed: one to two A100/H100 80GB (batch 128 of a 56M network).
 """
 
-from configs import cifar10_edm
+from cm_jax.configs import cifar10_edm
 
 
 def get_config():

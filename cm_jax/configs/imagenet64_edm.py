@@ -25,7 +25,7 @@ Evaluation: Inception FID of 50,000 samples against 50,000 training images sprea
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
 """
 
-from configs import default
+from cm_jax.configs import default
 
 
 def get_config():

@@ -18,7 +18,7 @@ configs/cifar10_edm.py).
 Hardware assumed: 8x A100 80GB (each step makes a student, a target and two teacher passes of a 56M network).
 """
 
-from configs import cifar10_edm
+from cm_jax.configs import cifar10_edm
 
 
 def get_config():

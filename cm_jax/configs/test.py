@@ -8,7 +8,7 @@ Works for any data.name, e.g. `--config.data.name=mnist`, `--config.data.name=ci
 (with --config.teacher.workdir=TEACHER_DIR).
 """
 
-from configs import default
+from cm_jax.configs import default
 
 
 def get_config(loss_name: str = 'ct'):

@@ -21,7 +21,7 @@ Hardware assumed: 8x A100 80GB (or TPU v4-32) for the 1024 batch in float32; the
 numbers to this, so scale the device count, not the batch, to keep the recipe.
 """
 
-from configs import default
+from cm_jax.configs import default
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Needs an MNIST teacher: `python -m cm_jax.train --config=configs/mnist_edm.py --workdir=TEACHER_DIR`.
 """
 
-from configs import fashion_mnist_cd
+from cm_jax.configs import fashion_mnist_cd
 
 
 def get_config():

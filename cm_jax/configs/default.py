@@ -93,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   loss.s0 = 10                    # Initial discretisation (iCT 10, CM 2).
   loss.s1 = 1280                  # Final discretisation (iCT 1280, CM 150).
   loss.num_points = 18            # N of schedule 'fixed' (CM CD: 18 on CIFAR-10, 40 on ImageNet64).
-  loss.total_steps = ml_collections.config_dict.placeholder(int)  # K of N(k), mu(k); None: training.num_steps.
+  loss.total_steps = ml_collections.config_dict.placeholder(int)  # K of N(k), mu(k); None: training.num_steps
+                                  # of the run's first start (pinned, recorded in its checkpoints; see below).
   loss.index_distribution = 'lognormal'  # 'lognormal' (iCT, discretised) | 'uniform' (CM).
   loss.p_mean = -1.1              # Lognormal mean of ln sigma: iCT index distribution and ECT's t.
   loss.p_std = 2.0                # Lognormal std of ln sigma (iCT and ECT).
@@ -142,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.warmup_steps = 0          # Linear warm-up from 0 to lr over this many steps.
   optim.decay = 'constant'        # After warm-up: 'constant' | 'cosine' (to 0 at optim.decay_steps).
   optim.decay_steps = ml_collections.config_dict.placeholder(int)  # End of the cosine; None: training.num_steps
-                                  # (pin it before raising num_steps to extend a run, or the lr jumps back up).
+                                  # of the run's first start (pinned like loss.total_steps).
   optim.grad_clip = 0.0           # Global-norm gradient clipping; 0 disables. (Losses average over pixels, so
                                   # gradients are H*W*C times smaller than with the pixel sums of EDM's code.)
 
@@ -150,7 +151,9 @@ def get_config() -> ml_collections.ConfigDict:
   # training: the loop.
   # ---------------------------------------------------------------------------------------------
   training = config.training = ml_collections.ConfigDict()
-  training.num_steps = 10_000     # Total steps of the run; raise it and restart to continue a finished run.
+  training.num_steps = 10_000     # Total steps of the run; raise it and restart to continue a finished run:
+                                  # the schedules keep the horizons pinned at the start (loss.total_steps,
+                                  # optim.decay_steps) unless those are set explicitly.
   training.batch_size = 64        # Global batch; must divide by the number of devices (and of processes).
   training.ema_rates = (0.999,)   # Sampling EMAs of the parameters; the first is what sampling uses by default.
   training.ema_warmup = True      # EMA rate min(rate, (1 + k) / (10 + k)), so short runs are not dominated by init.
@@ -164,6 +167,11 @@ def get_config() -> ml_collections.ConfigDict:
   # state, EMAs, the preconditioning and the loss stay float32 (a gain on TPUs and recent GPUs only).
   training.precision = 'float32'
   training.disable_most_optimizations = False  # XLA jax_disable_most_optimizations: faster compile, slower steps.
+  # How the train state lies on the ('data',) mesh of all devices: 'replicated' (plain data parallel) or 'fsdp'
+  # (parameters, EMAs and optimizer state sharded over the devices and gathered per layer as needed, for models
+  # that do not fit replicated). Arrays under fsdp_min_size elements stay replicated. Batches are always split.
+  training.sharding = 'replicated'
+  training.fsdp_min_size = 2 ** 14
 
   # ---------------------------------------------------------------------------------------------
   # sampling: defaults for eval grids, the sample CLI and the notebook API.

@@ -1,0 +1,346 @@
+"""Multi-process training (2 processes x 2 CPU devices, gloo on 127.0.0.1), preemption by SIGTERM/SIGINT, and
+the schedule horizon pinned when a run starts."""
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cm_jax import checkpointing
+from cm_jax import input_pipeline
+from cm_jax import losses
+from cm_jax import multihost
+from cm_jax import train
+from cm_jax import train_state as ts
+from cm_jax.configs import test as test_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 60  # Long enough that a SIGTERM sent after the step-10 checkpoint lands before the end.
+# Every run below trains on the same schedules whatever its num_steps, so runs of different lengths compare.
+COMMON = ['--config=configs/test.py', '--config.data.name=fashion_mnist', '--config.data.source=local',
+          f'--config.loss.total_steps={STEPS}', f'--config.optim.decay_steps={STEPS}',
+          '--config.training.log_every=5', '--config.training.checkpoint_every=10',
+          '--config.training.eval_every=1000']
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir, num_processes: int, devices_per_process: int, num_steps: int, log_dir) -> list:
+  """Starts `num_processes` trainers of one run (each with `devices_per_process` fake CPU devices)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  cmd = [sys.executable, '-m', 'cm_jax.train', f'--workdir={workdir}', *COMMON,
+         f'--config.training.num_steps={num_steps}']
+  if num_processes > 1:
+    cmd += [f'--coordinator_address=127.0.0.1:{free_port()}', f'--num_processes={num_processes}']
+  procs = []
+  for i in range(num_processes):
+    log = open(os.path.join(log_dir, f'{os.path.basename(workdir)}_{time.time_ns()}_{i}.log'), 'w')
+    extra = [f'--process_id={i}'] if num_processes > 1 else []
+    procs.append((subprocess.Popen(cmd + extra, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                  log))
+  return procs
+
+
+def wait(procs, timeout: float = 300) -> list:
+  """Exit codes; the logs of failed processes go into the assertion message."""
+  codes = []
+  for p, log in procs:
+    try:
+      codes.append(p.wait(timeout=timeout))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      codes.append('timeout')
+    log.close()
+  if any(c != 0 for c in codes):
+    tails = '\n'.join(open(log.name).read()[-3000:] for _, log in procs)
+    raise AssertionError(f'exit codes {codes}:\n{tails}')
+  return codes
+
+
+def saved_state(workdir):
+  """(latest step, its whole train state as numpy) of a run of COMMON's config."""
+  config = test_config.get_config()
+  manager = checkpointing.make_manager(str(workdir), read_only=True)
+  step = manager.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.eval_shape(functools.partial(ts.init_state, config, ts.make_optimizer(config)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+  manager.close()
+  return step, jax.device_get(state)
+
+
+def leaves(state):
+  return jax.tree.leaves((state.params, state.target_params, state.ema_params, state.opt_state))
+
+
+def assert_same_up_to_reduction_order(state, expected) -> None:
+  """Every leaf within 1e-5 of its largest magnitude, except attention key biases: adding the same bias to
+  every key leaves the softmax unchanged, so their true gradient is 0 and they hold only rounding noise (which
+  Adam scales up to learning-rate-sized steps), different for every reduction order."""
+  tree = lambda s: (s.params, s.target_params, s.ema_params, s.opt_state)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree(state))
+  for (path, a), b in zip(flat, jax.tree.leaves(tree(expected))):
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name:
+      continue
+    a, b = np.asarray(a), np.asarray(b)
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.fixture(scope='module')
+def two_by_two(tmp_path_factory):
+  """The same run three ways: 1 process x 4 devices; 2 processes x 2 devices; and 2 x 2 stopped by a SIGTERM
+  to process 1 (after its step-10 checkpoint), then restarted with the same command."""
+  root = tmp_path_factory.mktemp('multihost')
+  one, two, stopped = root / 'one_by_four', root / 'two_by_two', root / 'two_by_two_sigterm'
+  wait(launch(one, 1, 4, STEPS, root))
+  wait(launch(two, 2, 2, STEPS, root))
+  procs = launch(stopped, 2, 2, STEPS, root)
+  deadline = time.time() + 240
+  while not (stopped / 'checkpoints' / '10').exists() and time.time() < deadline:
+    if any(p.poll() is not None for p, _ in procs):
+      break
+    time.sleep(0.05)
+  procs[1][0].send_signal(signal.SIGTERM)
+  wait(procs)
+  logs = [open(log.name).read() for _, log in procs]
+  stop_step, _ = saved_state(stopped)
+  restarted = launch(stopped, 2, 2, STEPS, root)
+  wait(restarted)
+  resumed_log = ''.join(open(log.name).read() for _, log in restarted)
+  return {'workdir': two, 'root': root,
+          'one': saved_state(one), 'two': saved_state(two), 'stopped': saved_state(stopped),
+          'stop_step': stop_step, 'sigterm_logs': logs, 'resumed_log': resumed_log}
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(two_by_two):
+  (step_one, one), (step_two, two) = two_by_two['one'], two_by_two['two']
+  assert step_one == step_two == STEPS
+  assert_same_up_to_reduction_order(two, one)  # Cross-process reductions add in another order.
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(two_by_two):
+  stop_step = two_by_two['stop_step']
+  assert 10 < stop_step < STEPS, f'the run stopped at step {stop_step}; the SIGTERM was not acted on in time'
+  for log in two_by_two['sigterm_logs']:  # Both exited 0 (wait() checked) and report the same stop.
+    assert f'after step {stop_step}; saved its checkpoint' in log
+
+
+def test_two_process_run_resumes_its_sigterm_checkpoint_bit_identically(two_by_two):
+  step, resumed = two_by_two['stopped']
+  assert step == STEPS
+  assert f'Resuming from the checkpoint at step {two_by_two["stop_step"]}' in two_by_two['resumed_log']
+  for a, b in zip(leaves(resumed), leaves(two_by_two['two'][1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_cli_on_two_processes_writes_once_what_one_process_samples(two_by_two, tmp_path):
+  """cm_jax.sample with --coordinator_address/--num_processes/--process_id: the batch is split over the 2 x 2
+  devices, process 0 alone writes the npz, and the images are those of a single-process sample."""
+  from cm_jax import inference  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'samples.npz'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
+  port = free_port()
+  procs = []
+  for i in range(2):
+    log = open(tmp_path / f'sample_{i}.log', 'w')
+    cmd = [sys.executable, '-m', 'cm_jax.sample', f'--workdir={two_by_two["workdir"]}', '--num=10', '--seed=3',
+           '--batch_size=6', '--grid=0', f'--out={out}', f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}']
+    procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+  wait(procs)
+  assert sorted(os.listdir(tmp_path)) == ['sample_0.log', 'sample_1.log', 'samples.npz']
+  expected = inference.load(str(two_by_two['workdir'])).sample(10, seed=3, batch_size=6)
+  got = np.load(out)['arr_0']
+  assert got.shape == expected.shape == (10, 28, 28, 1)
+  assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # Float order only (4 vs 2 devices).
+
+
+# ------------------------------------------------------------------------------------------------
+# One process: SIGTERM / SIGINT inside train_and_evaluate (in-process: the handlers live in the main thread).
+# ------------------------------------------------------------------------------------------------
+def signal_at_step(monkeypatch, step: int, signum: int, where: str = 'batch') -> None:
+  """Sends `signum` to this process when the training loop asks for batch `step` (or writes a grid)."""
+  if where == 'batch':
+    get = input_pipeline.BatchStream.get
+
+    def get_then_signal(self, k):
+      if k == step:
+        os.kill(os.getpid(), signum)
+      return get(self, k)
+    monkeypatch.setattr(input_pipeline.BatchStream, 'get', get_then_signal)
+  else:
+    write = train.images.save_png
+
+    def save_then_signal(*args, **kwargs):
+      os.kill(os.getpid(), signum)
+      return write(*args, **kwargs)
+    monkeypatch.setattr(train.images, 'save_png', save_then_signal)
+
+
+def tiny(num_steps: int, **overrides):
+  config = test_config.get_config()
+  config.data.name, config.data.source = 'fashion_mnist', 'local'
+  config.training.num_steps = num_steps
+  config.training.checkpoint_every = 100
+  config.training.eval_every = 100
+  for k, v in overrides.items():
+    section, name = k.split('.')
+    config[section][name] = v
+  return config
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  return train.train_and_evaluate(tiny(8), workdir)
+
+
+@pytest.mark.parametrize('signum,where,stop_step', [(signal.SIGTERM, 'batch', 3), (signal.SIGINT, 'batch', 5),
+                                                    (signal.SIGTERM, 'grid', 5)])
+def test_signal_saves_the_step_reached_and_resume_is_bit_identical(uninterrupted, tmp_path, monkeypatch, signum,
+                                                                   where, stop_step):
+  """The signal arrives while step k's batch is read (the stop comes after step k + 1 = stop_step), or while
+  the step-4 grid is written (the stop comes after the next step)."""
+  workdir = str(tmp_path)
+  config = tiny(8, **({'training.eval_every': 4} if where == 'grid' else {}))
+  signal_at_step(monkeypatch, stop_step - 1, signum, where)
+  handler_before = signal.getsignal(signum)
+  stopped = train.train_and_evaluate(config, workdir)
+  assert signal.getsignal(signum) is handler_before  # Restored on the way out.
+  assert int(stopped.step) == stop_step
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  assert manager.latest_step() == stop_step
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny(8), workdir)
+  for a, b in zip(leaves(resumed), leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_signal_during_in_training_evaluation_stops_between_batches(uninterrupted, tmp_path, monkeypatch):
+  """A SIGTERM while the step-4 evaluation samples: the evaluation stops before its next batch, step 4 is
+  saved (although it is no checkpoint_every step), and resuming trains on bit-identically."""
+  from cm_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from cm_jax import inference  # pylint: disable=g-import-not-at-top
+
+  class NoScores:
+    def score(self, samples):
+      raise AssertionError('the evaluation should have stopped before scoring')
+  monkeypatch.setattr(evaluate_lib, 'make_evaluator_on_all_processes', lambda config: NoScores())
+  sample_in_batches = inference.sample_in_batches
+  batches = []
+
+  def signal_at_second_batch(*args, before_batch=None, **kwargs):
+    def before():
+      batches.append(1)
+      if len(batches) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      before_batch()
+    return sample_in_batches(*args, before_batch=before, **kwargs)
+  monkeypatch.setattr(inference, 'sample_in_batches', signal_at_second_batch)
+  config = tiny(8)
+  config.evaluation.every, config.evaluation.num_samples, config.evaluation.batch_size = 4, 8, 2
+  stopped = train.train_and_evaluate(config, str(tmp_path))
+  assert int(stopped.step) == 4 and len(batches) == 2
+  assert checkpointing.make_manager(str(tmp_path), read_only=True).latest_step() == 4
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny(8), str(tmp_path))
+  for a, b in zip(leaves(resumed), leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fsdp_run_trains_like_the_replicated_run(uninterrupted, tmp_path):
+  """training.sharding='fsdp' (parameters and optimizer state split over the 2 devices): the same run up to
+  float reduction order, with the state really split."""
+  fsdp = train.train_and_evaluate(tiny(8, **{'training.sharding': 'fsdp', 'training.fsdp_min_size': 64}),
+                                  str(tmp_path))
+  split = [x for x in jax.tree.leaves(fsdp.params) if x.sharding.spec != jax.sharding.PartitionSpec()]
+  assert split and all(s.data.shape != x.shape for x in split for s in x.addressable_shards)
+  assert_same_up_to_reduction_order(jax.device_get(fsdp), jax.device_get(uninterrupted))
+
+
+def test_evaluation_loop_stops_on_an_agreed_signal(monkeypatch):
+  with multihost.StopSignal() as stop:
+    stop.check()  # No signal yet: nothing happens.
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(multihost.Preempted):
+      stop.check()
+  assert stop.signal_name == 'SIGTERM'
+
+
+def test_second_ctrl_c_stops_at_once():
+  with pytest.raises(KeyboardInterrupt):
+    with multihost.StopSignal():
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+# ------------------------------------------------------------------------------------------------
+# jax.distributed start-up arguments.
+# ------------------------------------------------------------------------------------------------
+def test_partial_explicit_flags_are_refused_naming_the_missing_ones():
+  with pytest.raises(ValueError, match='--num_processes, --process_id'):
+    multihost.initialize(coordinator_address='127.0.0.1:1234')
+  with pytest.raises(ValueError, match=r'--process_id=2 must be in \[0, --num_processes=2\)'):
+    multihost.initialize('127.0.0.1:1234', 2, 2)
+
+
+def test_no_cluster_and_no_flags_is_a_single_process(monkeypatch):
+  for var in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(var, raising=False)
+  assert multihost.detected_cluster() is None
+  multihost.initialize()
+  assert jax.process_count() == 1 and not jax.distributed.is_initialized()
+
+
+def test_slurm_environment_is_detected(monkeypatch):
+  for var, value in {'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_NTASKS': '2',
+                     'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}.items():
+    monkeypatch.setenv(var, value)
+  assert 'Slurm' in multihost.detected_cluster()
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule horizons.
+# ------------------------------------------------------------------------------------------------
+def test_extending_a_run_keeps_its_curriculum():
+  """configs/fashion_mnist_ct.py: N at step 2400 must stay 161 when the run is extended to 4800 steps."""
+  from cm_jax.configs import fashion_mnist_ct  # pylint: disable=g-import-not-at-top
+  first = ts.pin_schedule_horizons(fashion_mnist_ct.get_config(), None)
+  extended = fashion_mnist_ct.get_config()
+  extended.training.num_steps = 4800
+  pinned = ts.pin_schedule_horizons(extended, first)
+  assert pinned.loss.total_steps == pinned.optim.decay_steps == 2400
+  n_at = lambda c: int(losses.make_ct_settings(c, (28, 28, 1)).num_points(2400))
+  assert n_at(first) == n_at(pinned) == 161
+  assert n_at(ts.pin_schedule_horizons(extended, None)) == 41  # What an unpinned extension did.
+  asked = fashion_mnist_ct.get_config()
+  asked.training.num_steps, asked.loss.total_steps = 4800, 4800
+  assert ts.pin_schedule_horizons(asked, first).loss.total_steps == 4800  # The user's explicit value wins.
+
+
+def test_checkpoints_written_before_pinning_resume_with_their_own_num_steps():
+  old = test_config.get_config()
+  old.training.num_steps = 300  # Its horizons were None, i.e. 300.
+  now = test_config.get_config()
+  now.training.num_steps = 900
+  pinned = ts.pin_schedule_horizons(now, old)
+  assert pinned.loss.total_steps == pinned.optim.decay_steps == 300
