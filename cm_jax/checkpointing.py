@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cm_jax import multihost
 from cm_jax import paths
 from cm_jax.configs import default as default_config
 
@@ -93,6 +94,7 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
       continue
     if unreadable and jax.process_index() == 0:
       move_aside(workdir, unreadable)
+    multihost.barrier('cm_jax_checkpoint_restored')  # No process lists a checkpoint that is being moved away.
     manager.reload()
     return state
   raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '

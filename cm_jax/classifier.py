@@ -31,6 +31,7 @@ import optax
 
 from cm_jax import atomic_file
 from cm_jax import input_pipeline
+from cm_jax import paths
 from cm_jax import sharding
 
 FEATURE_DIM = 128
@@ -180,12 +181,10 @@ def load_or_train(config: ml_collections.ConfigDict) -> Classifier:
   directory = os.path.join(cache_dir(config), 'classifier')
   stem = os.path.join(directory, f'{settings["dataset"]}_{key}')
   image_shape = tuple(train_images.shape[1:])
-  if os.path.exists(stem + '.json') and os.path.exists(stem + '.msgpack'):
-    with open(stem + '.json') as f:
-      info = json.load(f)
+  if paths.exists(stem + '.json') and paths.exists(stem + '.msgpack'):  # Local or gs:// caches.
+    info = json.loads(paths.read_bytes(stem + '.json'))
     template = SmallCNN(info['num_classes']).init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape))['params']
-    with open(stem + '.msgpack', 'rb') as f:
-      params = serialization.from_bytes(template, f.read())
+    params = serialization.from_bytes(template, paths.read_bytes(stem + '.msgpack'))
     logging.info('Loaded the cached %s classifier %s (test accuracy %.4f).', settings['dataset'], stem,
                  info['test_accuracy'])
     return Classifier(params, info['num_classes'], image_shape, info)

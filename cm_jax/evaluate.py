@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -137,8 +138,8 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
                       f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
                       f'_v{REFERENCE_FORMAT}.npz')
   info = dict(data_protocol(config.data), split=ev.reference_split, num=int(len(images)), cache_file=path)
-  if os.path.exists(path):
-    with np.load(path) as f:
+  if paths.exists(path):  # Local or gs:// caches.
+    with np.load(io.BytesIO(paths.read_bytes(path))) as f:
       features = f['features']
     logging.info('Loaded cached reference features %s.', path)
   else:

@@ -25,6 +25,8 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from cm_jax import paths
+
 # TTUR (bioinf-jku/TTUR fid.py) downloads the TensorFlow release archive; the ADM evaluator the bare .pb.
 TGZ_URL = 'http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz'
 PB_URL = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb'
@@ -198,6 +200,8 @@ def resolve_weights(path: str | None, cache_dir: str, download: bool = True) -> 
     if not os.path.isfile(path):
       raise FileNotFoundError(f'Inception graph not found: {path} (set by {CONFIG_HINT})')
     return path
+  if paths.is_remote(cache_dir):  # TensorFlow reads the graph from a local file: keep it on this host.
+    cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'cm_jax')
   cached = cache_path(cache_dir)
   if os.path.isfile(cached):
     return cached

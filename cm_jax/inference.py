@@ -206,8 +206,10 @@ def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict, mesh: 
       labels = labels if isinstance(labels, jax.Array) else np.asarray(labels, np.int32)
       labels = sharding.shard_batch(sharding.pad_rows(labels, size), mesh)
     times = np.asarray(sampler.times, np.float32)
-    if mesh.is_multi_process:  # jit takes only global arrays there (sample_in_batches replicates params once).
-      params, times = sharding.replicate((params, times), mesh)
+    # Params in another layout (FSDP-sharded) are gathered; already replicated ones are not copied.
+    params = sharding.replicate(params, mesh)
+    if mesh.is_multi_process:  # jit takes only global arrays there.
+      times = sharding.replicate(times, mesh)
     placeholder = dataclasses.replace(sampler, times=(0.0,) * len(sampler.times))  # The static part only.
     return (params, keys, times, labels, placeholder, (size,) + tuple(shape[1:])), num
 

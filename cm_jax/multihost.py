@@ -17,6 +17,7 @@ from typing import Callable, Optional, TypeVar
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 
 T = TypeVar('T')
 
@@ -24,9 +25,10 @@ T = TypeVar('T')
 # ------------------------------------------------------------------------------------------------
 # jax.distributed.
 # ------------------------------------------------------------------------------------------------
-def detected_cluster() -> Optional[str]:
-  """The name of the cluster environment JAX's automatic initialisation would use (SLURM, a Cloud TPU pod,
-  ...), or None. Uses JAX's own registry of cluster environments, the one jax.distributed.initialize() reads."""
+def detected_cluster() -> Optional[tuple[str, int]]:
+  """(name, process count) of the cluster environment JAX's automatic initialisation would use (SLURM, a
+  Cloud TPU pod, ...), or None. Uses JAX's own registry of cluster environments, the one
+  jax.distributed.initialize() reads."""
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
     cluster_types = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
@@ -36,7 +38,7 @@ def detected_cluster() -> Optional[str]:
     return None
   for env in cluster_types:
     if not getattr(env, 'opt_in_only_method', False) and env.is_env_present():
-      return env.__name__
+      return env.__name__, int(env.get_process_count())
   return None
 
 
@@ -64,10 +66,18 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     cluster = detected_cluster()
     if cluster is None:
       return
-    logging.info('Starting jax.distributed from the %s environment.', cluster)
+    name, count = cluster
+    if count == 1:  # One task (e.g. `srun -n1`): a plain process keeps all local devices.
+      logging.info('%s environment with a single process: not starting jax.distributed.', name)
+      return
+    logging.info('Starting jax.distributed from the %s environment (%d processes).', name, count)
   # CPU processes talk through gloo over TCP (GPUs and TPUs use their own interconnect).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  # jax.distributed catches SIGTERM for its own preemption service, which cm_jax does not use (StopSignal
+  # agrees on a stop step itself): give SIGTERM back its usual effect, so `kill` and `scancel` stop a CLI.
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   logging.info('Process %d of %d; %d local devices of %d.', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
@@ -106,9 +116,13 @@ def process_zero_first(fn: Callable[[], T], barrier_name: str) -> T:
   """
   if jax.process_count() == 1:
     return fn()
-  result = fn() if jax.process_index() == 0 else None
-  barrier(barrier_name)
-  return result if jax.process_index() == 0 else fn()
+  if jax.process_index() > 0:
+    barrier(barrier_name)
+    return fn()
+  try:
+    return fn()
+  finally:  # Also when fn fails: the others then try themselves (and fail with their own message).
+    barrier(barrier_name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,29 +133,29 @@ class Preempted(Exception):
 
 
 class StopSignal:
-  """Turns SIGTERM and SIGINT into an agreed stop; a context manager around the training loop.
+  """Turns SIGTERM and SIGINT into an agreed stop; a context manager around training.
 
-  `reached()` is called at the same points on every process (after each train step, between evaluation
-  batches); it returns True at the same call on all of them once any process got a signal.
-  - One process: the signal handlers set a flag that the next `reached()` returns.
-  - Several processes (jax.distributed): JAX's preemption sync manager, which catches SIGTERM itself and
-    picks the first call that every process can still reach; SIGINT is passed on to it as a SIGTERM.
-  A second SIGINT stops at once with KeyboardInterrupt (the last saved checkpoint is kept).
-  Outside the main thread (no signal handlers there) it never stops the run.
+  `reached()` is called at the same points on every process (after each train step is dispatched, before each
+  evaluation batch) and returns True at the same call on all of them once any process got a signal:
+  - one process: the signal handlers set a flag that the next `reached()` returns;
+  - several processes: each call dispatches an all-reduce of every process's flag (asynchronously, after the
+    step just dispatched) and answers with the previous call's result, so the agreement costs no extra wait
+    for the device; the stop comes one call later than with one process.
+  A second SIGINT stops at once with KeyboardInterrupt (the last saved checkpoint is kept). Outside the main
+  thread (no signal handlers there) it never stops the run.
   """
 
   def __init__(self):
-    self.signal_name: Optional[str] = None  # The first signal received.
-    self._count = 0
+    self.signal_name: Optional[str] = None  # The first signal received (here, or by another process).
     self._previous = {}
-    self._distributed = jax.process_count() > 1
+    self._pending = None  # The all-reduce of the previous call (several processes).
+    self._any = None
 
   def __enter__(self) -> 'StopSignal':
     if threading.current_thread() is not threading.main_thread():
       logging.info('Not in the main thread: SIGTERM/SIGINT will not stop this run with a checkpoint.')
       return self
-    signals = (signal.SIGINT,) if self._distributed else (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
+    for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -151,25 +165,27 @@ class StopSignal:
     self._previous.clear()
 
   def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    name = signal.Signals(signum).name
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C: stop now.
-    self.signal_name = self.signal_name or name
-    logging.warning('Got %s: stopping at the next step that every process reaches, with a checkpoint there '
-                    '(Ctrl-C again to stop at once without one).', name)
-    if self._distributed and signum != signal.SIGTERM:
-      import os  # pylint: disable=g-import-not-at-top
-      os.kill(os.getpid(), signal.SIGTERM)  # Into JAX's preemption notifier, which informs every process.
+    self.signal_name = self.signal_name or signal.Signals(signum).name
+    logging.warning('Got %s: stopping at a step that every process reaches, with a checkpoint there (Ctrl-C '
+                    'again to stop at once without one).', self.signal_name)
 
   def reached(self) -> bool:
     """Whether to stop here; the same answer on every process at the same call."""
-    self._count += 1
-    if not self._distributed:
+    if jax.process_count() == 1:
       return self.signal_name is not None
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    stop = multihost_utils.reached_preemption_sync_point(self._count)
+    from cm_jax import sharding  # pylint: disable=g-import-not-at-top
+    if self._any is None:
+      mesh = sharding.make_mesh()
+      self._flags_sharding = sharding.batch_sharding(mesh)
+      self._any = jax.jit(lambda flags_D: flags_D.max(), out_shardings=sharding.replicated(mesh))
+    local = np.full((jax.local_device_count(),), self.signal_name is not None, np.int32)
+    pending, self._pending = self._pending, self._any(
+        jax.make_array_from_process_local_data(self._flags_sharding, local))
+    stop = pending is not None and bool(jax.device_get(pending))
     if stop and self.signal_name is None:
-      self.signal_name = 'SIGTERM'  # Received by another process (or by the C++ notifier here).
+      self.signal_name = 'a signal to another process'
     return stop
 
   def check(self) -> None:

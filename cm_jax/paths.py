@@ -44,3 +44,13 @@ def write_file(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) 
   write(buffer)
   epath.Path(path).write_bytes(buffer.getvalue())
   return path
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+  """Whether a local file or a remote object exists."""
+  return epath.Path(os.fspath(path)).exists()
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+  """The contents of a local file or a remote object."""
+  return epath.Path(os.fspath(path)).read_bytes()

@@ -104,30 +104,38 @@ def assert_same_up_to_reduction_order(state, expected) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
+def stop_with_sigterm(workdir, root, process: int, after_checkpoint: int):
+  """Starts the 2 x 2 run in `workdir`, sends SIGTERM to one process once the step-`after_checkpoint`
+  checkpoint exists; returns (the step both stopped at, both logs)."""
+  procs = launch(workdir, 2, 2, STEPS, root)
+  deadline = time.time() + 240
+  while not (workdir / 'checkpoints' / str(after_checkpoint)).exists() and time.time() < deadline:
+    if any(p.poll() is not None for p, _ in procs):
+      break
+    time.sleep(0.05)
+  procs[process][0].send_signal(signal.SIGTERM)
+  wait(procs)
+  return saved_state(workdir)[0], [open(log.name).read() for _, log in procs]
+
+
 @pytest.fixture(scope='module')
 def two_by_two(tmp_path_factory):
   """The same run three ways: 1 process x 4 devices; 2 processes x 2 devices; and 2 x 2 stopped by a SIGTERM
-  to process 1 (after its step-10 checkpoint), then restarted with the same command."""
+  to process 1 (after its step-10 checkpoint), restarted with the same command, stopped again by a SIGTERM to
+  process 0 (after its next checkpoint), and restarted to the end."""
   root = tmp_path_factory.mktemp('multihost')
   one, two, stopped = root / 'one_by_four', root / 'two_by_two', root / 'two_by_two_sigterm'
   wait(launch(one, 1, 4, STEPS, root))
   wait(launch(two, 2, 2, STEPS, root))
-  procs = launch(stopped, 2, 2, STEPS, root)
-  deadline = time.time() + 240
-  while not (stopped / 'checkpoints' / '10').exists() and time.time() < deadline:
-    if any(p.poll() is not None for p, _ in procs):
-      break
-    time.sleep(0.05)
-  procs[1][0].send_signal(signal.SIGTERM)
-  wait(procs)
-  logs = [open(log.name).read() for _, log in procs]
-  stop_step, _ = saved_state(stopped)
+  stop_step, logs = stop_with_sigterm(stopped, root, 1, 10)
+  next_checkpoint = (stop_step // 10 + 1) * 10
+  second_stop, second_logs = stop_with_sigterm(stopped, root, 0, next_checkpoint)
   restarted = launch(stopped, 2, 2, STEPS, root)
   wait(restarted)
-  resumed_log = ''.join(open(log.name).read() for _, log in restarted)
   return {'workdir': two, 'root': root,
           'one': saved_state(one), 'two': saved_state(two), 'stopped': saved_state(stopped),
-          'stop_step': stop_step, 'sigterm_logs': logs, 'resumed_log': resumed_log}
+          'stop_step': stop_step, 'sigterm_logs': logs, 'second_stop': second_stop, 'second_logs': second_logs,
+          'resumed_log': ''.join(second_logs) + ''.join(open(log.name).read() for _, log in restarted)}
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(two_by_two):
@@ -137,16 +145,19 @@ def test_two_processes_train_like_one_process_with_the_same_devices(two_by_two):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(two_by_two):
-  stop_step = two_by_two['stop_step']
-  assert 10 < stop_step < STEPS, f'the run stopped at step {stop_step}; the SIGTERM was not acted on in time'
-  for log in two_by_two['sigterm_logs']:  # Both exited 0 (wait() checked) and report the same stop.
-    assert f'after step {stop_step}; saved its checkpoint' in log
+  stop_step, second_stop = two_by_two['stop_step'], two_by_two['second_stop']
+  assert 10 < stop_step < second_stop < STEPS, (
+      f'the runs stopped at steps {stop_step}, {second_stop}; a SIGTERM was not acted on in time')
+  for step, logs in ((stop_step, two_by_two['sigterm_logs']), (second_stop, two_by_two['second_logs'])):
+    for log in logs:  # Both exited 0 (wait() checked) and report the same stop.
+      assert f'after step {step}; saved its checkpoint' in log
 
 
 def test_two_process_run_resumes_its_sigterm_checkpoint_bit_identically(two_by_two):
   step, resumed = two_by_two['stopped']
   assert step == STEPS
-  assert f'Resuming from the checkpoint at step {two_by_two["stop_step"]}' in two_by_two['resumed_log']
+  for step in (two_by_two['stop_step'], two_by_two['second_stop']):
+    assert f'Resuming from the checkpoint at step {step}' in two_by_two['resumed_log']
   for a, b in zip(leaves(resumed), leaves(two_by_two['two'][1])):
     np.testing.assert_array_equal(a, b)
 
@@ -311,11 +322,15 @@ def test_no_cluster_and_no_flags_is_a_single_process(monkeypatch):
   assert jax.process_count() == 1 and not jax.distributed.is_initialized()
 
 
-def test_slurm_environment_is_detected(monkeypatch):
+def test_slurm_environment_is_detected_and_a_single_task_stays_a_plain_process(monkeypatch):
   for var, value in {'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_NTASKS': '2',
                      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}.items():
     monkeypatch.setenv(var, value)
-  assert 'Slurm' in multihost.detected_cluster()
+  name, count = multihost.detected_cluster()
+  assert 'Slurm' in name and count == 2
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # `srun -n1`: no jax.distributed, so every local device is used.
+  multihost.initialize()
+  assert not jax.distributed.is_initialized() and jax.device_count() == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -150,3 +150,32 @@ def test_gcs_workdir_without_its_client_names_the_extra():
   else:
     pytest.skip('google-cloud-storage is installed here.')
   checkpointing.require_gcs_client('/tmp/run')  # Local workdirs do not need it.
+
+
+def test_evaluation_caches_on_gcs_are_read_back(fake_gcs, monkeypatch):
+  """evaluation.cache_dir = gs://...: the feature classifier and the reference features are written there
+  and found again, with no retraining and no recomputation."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from cm_jax import classifier  # pylint: disable=g-import-not-at-top
+  from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.name, config.data.source = 'mnist', 'tfds'
+  config.evaluation.cache_dir, config.evaluation.num_reference = 'gs://bucket/cache', 30
+  calls = []
+
+  def features(images):
+    calls.append(len(images))
+    x = images.reshape(len(images), -1)[:, :16].astype(np.float64)
+    return x, np.full((len(images), 4), 0.25)
+  net = evaluate.FeatureNet('classifier', features, 'first-pixels', {'name': 'first pixels'})
+  with tfds.testing.mock_data(num_examples=40):
+    first = classifier.load_or_train(config)
+    monkeypatch.setattr(classifier, 'train_classifier', lambda *a, **k: pytest.fail('retrained a cached one'))
+    again = classifier.load_or_train(config)
+    evaluate.load_reference(config, net)
+    evaluate.load_reference(config, net)
+  assert again.info == first.info
+  assert calls == [30]  # The second reference load read gs://bucket/cache.
+  assert any(k.startswith('/bucket/cache/classifier/') for k in fake_gcs.store)
+  assert any(k.startswith('/bucket/cache/reference/') for k in fake_gcs.store)
