@@ -285,8 +285,9 @@ def check_finite(step: int, metrics) -> dict:
   if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
     raise FloatingPointError(
         f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). '
-        'The run stops here; the last good checkpoint is kept. Restarting resumes from it: try a lower --config.optim.lr or gradient clipping '
-        '(--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
+        'The run stops here; the last good checkpoint is kept. Restarting resumes from it: try a lower '
+        '--config.optim.lr or gradient clipping (--config.optim.grad_clip=1.0), or start a new workdir with '
+        'optim.warmup_steps > 0.')
   return host
 
 
