@@ -35,6 +35,7 @@ from cm_jax import sampling
 from cm_jax import sharding
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
+from cm_jax import workdir_lock
 from cm_jax.train_step import train_step
 
 
@@ -48,8 +49,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', previous or config.training.disable_most_optimizations)
   try:
-    # SIGTERM (preemption notice) or SIGINT: every process stops at one agreed step and saves it.
-    with multihost.StopSignal() as stop_signal:
+    # SIGTERM (preemption notice) or SIGINT: every process stops at one agreed step and saves it. One run per
+    # workdir: a second one is refused with the name of the first (WORKDIR/LOCK.json).
+    with multihost.StopSignal() as stop_signal, workdir_lock.WorkdirLock(workdir):
       return _train(config, workdir, stop_signal)
   finally:  # A process-wide setting: leave it as it was for later runs in the same notebook or test.
     jax.config.update('jax_disable_most_optimizations', previous)
