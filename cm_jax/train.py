@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -217,7 +218,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   pending, accumulated = [], []  # Device metrics not read yet; host metrics since the last log.
 
   def read_pending() -> None:  # Stops the run on a non-finite loss or gradient.
-    accumulated.extend(check_finite(*p) for p in pending)
+    accumulated.extend(check_finite(*p, manager.latest_step) for p in pending)
     pending.clear()
 
   t0 = time.time()
@@ -281,15 +282,18 @@ def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
   return images.side_by_side(panels)
 
 
-def check_finite(step: int, metrics) -> dict:
-  """Host copy of a step's metrics; stops the run at once on a non-finite loss."""
+def check_finite(step: int, metrics, last_checkpoint: Callable[[], Optional[int]]) -> dict:
+  """Host copy of the metrics of the update from step `step` to `step + 1` (checkpoint numbering: the state
+  after k updates is step k); stops the run at once on a non-finite loss, naming the checkpoint to resume."""
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
+    saved = last_checkpoint()
+    resume = (f'Restarting resumes from the last good checkpoint, step {saved}' if saved is not None else
+              'No checkpoint was saved yet, so restarting starts again from step 0')
     raise FloatingPointError(
-        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} at step {step} (metrics: {host}). '
-        'The run stops here; the last good checkpoint is kept. Restarting resumes from it: try a lower '
-        '--config.optim.lr or gradient clipping (--config.optim.grad_clip=1.0), or start a new workdir with '
-        'optim.warmup_steps > 0.')
+        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} in the update from step {step} to '
+        f'step {step + 1} (metrics: {host}). The run stops here. {resume}: try a lower --config.optim.lr or '
+        'gradient clipping (--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
   return host
 
 
