@@ -155,9 +155,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   # Compiled functions.
   # ----------------------------------------------------------------------------------------------
   t0 = time.time()
-  batch_shapes = ((tc.batch_size,) + image_shape, (tc.batch_size,))
-  abstract_batch = (jax.ShapeDtypeStruct(batch_shapes[0], np.uint8, sharding=batch_sharding),
-                    jax.ShapeDtypeStruct(batch_shapes[1], np.int32, sharding=batch_sharding)
+  abstract_batch = (jax.ShapeDtypeStruct((tc.batch_size,) + image_shape, np.uint8, sharding=batch_sharding),
+                    jax.ShapeDtypeStruct((tc.batch_size,), np.int32, sharding=batch_sharding)
                     if class_conditional else None)
   p_train_step = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
                                            target_decay=objective.target_decay, tx=tx, config=config),
@@ -246,6 +245,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
       except multihost.Preempted:
         stop = True
         if not saved:
+          read_pending()  # As above: never save a state whose step produced a non-finite loss.
           checkpointing.save(manager, state, config, data_fingerprint)
       if stop:
         manager.wait_until_finished()
