@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from typing import Any, Optional, Sequence
 
 from absl import logging
@@ -32,6 +31,7 @@ import optax
 from cm_jax import atomic_file
 from cm_jax import input_pipeline
 from cm_jax import paths
+from cm_jax import progress as progress_lib
 from cm_jax import sharding
 
 FEATURE_DIM = 128
@@ -82,12 +82,14 @@ class Classifier:
     return cache[mesh]
 
   def __call__(self, images_BHWC: np.ndarray, batch_size: int = 500,
-               devices: Optional[Sequence[jax.Device]] = None) -> tuple[np.ndarray, np.ndarray]:
+               devices: Optional[Sequence[jax.Device]] = None,
+               progress_label: str = 'Classifier features') -> tuple[np.ndarray, np.ndarray]:
     """(features float64 (N, FEATURE_DIM), class probabilities float64 (N, num_classes)) of uint8 images.
 
     Each batch (batch_size rounded up to a multiple of the device count) is split over `devices`: by
     default this process's own (jax.local_devices(), no other process involved); jax.devices() splits it
-    over every process's devices, a collective that every process calls with the same images.
+    over every process's devices, a collective that every process calls with the same images. Process 0 logs
+    progress as `progress_label` (the evaluator names what is extracted: sample or reference features).
     """
     images_BHWC = np.asarray(images_BHWC)
     if images_BHWC.dtype != np.uint8 or images_BHWC.shape[1:] != self.image_shape:
@@ -97,12 +99,16 @@ class Classifier:
     size = sharding.padded_batch_size(max(1, min(batch_size, len(images_BHWC))), mesh)  # One compiled shape.
     params = sharding.replicate(self.params, mesh)
     feats, probs = [], []
+    progress = progress_lib.Progress(progress_label, total=len(images_BHWC), unit='images',
+                                     enabled=jax.process_index() == 0)
     for start in range(0, len(images_BHWC), size):
       chunk = images_BHWC[start:start + size]
       padded = np.pad(chunk, ((0, size - len(chunk)), (0, 0), (0, 0), (0, 0)))
       f, p = self._apply(mesh)(params, sharding.shard_batch(padded, mesh))
       feats.append(sharding.to_host(f).astype(np.float64)[:len(chunk)])
       probs.append(sharding.to_host(p).astype(np.float64)[:len(chunk)])
+      progress.update(len(chunk))  # After to_host: the batch is done, and counting it costs nothing.
+    progress.done()
     return np.concatenate(feats), np.concatenate(probs)
 
   def protocol(self) -> dict:
@@ -148,15 +154,21 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, test_im
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  t0 = time.time()
+  # Steps are dispatched asynchronously; every 500 steps the loss is read, which waits for them: progress is
+  # counted there, so the rate is of finished steps and counting adds no synchronisation.
+  progress = progress_lib.Progress('Classifier training', total=steps, unit='steps', enabled=jax.process_index() == 0)
+  loss_note, counted = None, 0
   for k in range(steps):
     idx = input_pipeline.batch_indices(seed, k, batch_size, len(train_images))
     params, opt_state, loss = step(params, opt_state, train_images[idx], train_labels[idx],
                                    jax.random.fold_in(key, k))
     if (k + 1) % 500 == 0 or k + 1 == steps:
-      logging.info('Classifier step %d/%d: loss %.4f (%.0f s).', k + 1, steps, float(loss), time.time() - t0)
+      loss_note = f'loss {float(loss):.4f}'
+      progress.update(k + 1 - counted, note=loss_note)
+      counted = k + 1
+  progress.done(note=loss_note)
   trained = Classifier(params, num_classes, tuple(train_images.shape[1:]), {})
-  _, probs = trained(test_images)
+  _, probs = trained(test_images, progress_label='Classifier test-set features')
   accuracy = float(np.mean(np.argmax(probs, axis=1) == test_labels))
   return params, accuracy
 

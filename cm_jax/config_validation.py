@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from cm_jax import errors
 from cm_jax import input_pipeline
 from cm_jax.input_pipeline import MNIST_FAMILY
 
@@ -39,11 +40,22 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 
 def _require(ok: bool, field: str, message: str) -> None:
   if not ok:
-    raise ValueError(f'config.{field}: {message}')
+    raise errors.ConfigError(f'config.{field}: {message}')
+
+
+# Sequence fields and the type of their elements (overrides such as --config.model.ch_mult=(1,x) pass
+# ml_collections' own type checks, which look at the tuple only).
+SEQUENCES = {'model.ch_mult': int, 'model.attn_resolutions': int, 'training.ema_rates': float}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field."""
+  """Raises ValueError (errors.ConfigError) naming the first bad field."""
+  for field, kind in SEQUENCES.items():
+    value = _get(config, field)
+    ok = isinstance(value, (tuple, list)) and all(
+        isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool) for v in value)
+    _require(ok, field, f'{value!r} is not a tuple of {kind.__name__}s, e.g. '
+             f'--config.{field}="{"(1, 2, 2)" if kind is int else "(0.999,)"}".')
   for field, options in CHOICES.items():
     value = _get(config, field)
     _require(value in options, field, f'{value!r} is not one of {list(options)}.')

@@ -24,19 +24,21 @@ import glob
 import os
 from typing import Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cm_jax import cli
 from cm_jax import editing
+from cm_jax import errors
 from cm_jax import images as images_lib
 from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import multihost
 from cm_jax import paths
+from cm_jax import progress as progress_lib
 from cm_jax import sampling
 from cm_jax import sharding
 
@@ -74,11 +76,28 @@ def define_flags() -> None:
 # Input
 # --------------------------------------------------------------------------------------------------
 def _png(path: str) -> np.ndarray:
-  with Image.open(path) as img:
+  with open_image(path, '--input') as img:
     if img.mode not in ('L', 'RGB'):
-      raise ValueError(f'{path}: PNG mode {img.mode!r}; save it as grayscale (L) or RGB.')
+      raise errors.InputFileError(f'{path}: PNG mode {img.mode!r}; save it as grayscale (L) or RGB.')
     arr = np.asarray(img)
   return arr[..., None] if arr.ndim == 2 else arr
+
+
+def open_image(path: str, flag: str) -> Image.Image:
+  """PIL image of `path`; a missing or undecodable file is an InputFileError naming `flag` and the file."""
+  if not os.path.isfile(path):
+    raise errors.InputFileError(f'{flag}={path}: no such file.')
+  try:
+    img = Image.open(path)
+    img.load()
+    return img
+  except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
+    raise errors.InputFileError(f'{flag}={path} is not a readable image ({one_line_reason(e)}); give a PNG '
+                                'file.') from None
+
+
+def one_line_reason(e: Exception) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def load_images(path: str) -> np.ndarray:
@@ -86,24 +105,43 @@ def load_images(path: str) -> np.ndarray:
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, '*.png')))
     if not files:
-      raise ValueError(f'--input={path} is a directory without .png files.')
+      raise errors.InputFileError(f'--input={path} is a directory without .png files.')
     arrays = [_png(f) for f in files]
     if len({a.shape for a in arrays}) > 1:
-      raise ValueError(f'The PNGs in {path} have different shapes: {sorted({a.shape for a in arrays})}.')
+      raise errors.InputFileError(f'The PNGs in --input={path} have different shapes: '
+                                  f'{sorted({a.shape for a in arrays})}; give images of one size.')
     return np.stack(arrays)
   if path.endswith('.png'):
     return _png(path)[None]
   if path.endswith('.npz'):
-    with np.load(path) as data:
+    return _npz_images(path)
+  if not os.path.exists(path):
+    raise errors.InputFileError(f'--input={path}: no such file or directory.')
+  raise errors.UsageError(f'--input={path}: expected an .npz file, a .png file or a directory of PNGs.')
+
+
+def _npz_images(path: str) -> np.ndarray:
+  """uint8 (N, H, W, C) from key 'arr_0' (or the only key) of an npz; never unpickles (allow_pickle=False)."""
+  if not os.path.isfile(path):
+    raise errors.InputFileError(f'--input={path}: no such file.')
+  try:
+    with np.load(path, allow_pickle=False) as data:
       keys = list(data.keys())
       key = 'arr_0' if 'arr_0' in keys else (keys[0] if len(keys) == 1 else None)
       if key is None:
-        raise ValueError(f"{path} has keys {keys}; expected 'arr_0' or a single array.")
+        raise errors.InputFileError(f"--input={path} has keys {keys}; expected 'arr_0' or a single array.")
       arr = data[key]
-    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
-      raise ValueError(f"{path}['{key}'] is {arr.dtype} {arr.shape}; expected uint8 (N, H, W, C) or (N, H, W).")
-    return arr[..., None] if arr.ndim == 3 else arr
-  raise ValueError(f'--input={path}: expected an .npz file, a .png file or a directory of PNGs.')
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (not a zip, truncated, object arrays, ...)
+    raise errors.InputFileError(f'--input={path} is not a readable .npz of images ({one_line_reason(e)}); write '
+                                'it with numpy.savez (uint8 images, as cm_jax.sample does).') from None
+  if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+    raise errors.InputFileError(f"--input={path}: array '{key}' is {arr.dtype} {arr.shape}; expected uint8 "
+                                '(N, H, W, C) or (N, H, W).')
+  if arr.shape[0] == 0 or 0 in arr.shape[1:]:
+    raise errors.InputFileError(f"--input={path}: array '{key}' has shape {arr.shape}: no images in it.")
+  return arr[..., None] if arr.ndim == 3 else arr
 
 
 def match_model(images_NHWC: np.ndarray, image_shape: tuple[int, int, int], what: str = 'input') -> np.ndarray:
@@ -129,7 +167,7 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     return editing.named_mask(spec, h, w)
   if not spec.endswith('.png'):
     raise ValueError(f'--mask={spec!r} is neither one of {editing.MASKS} nor a .png path.')
-  with Image.open(spec) as img:
+  with open_image(spec, '--mask') as img:
     gray = np.asarray(img.convert('L'))
   if gray.shape != (h, w):
     raise ValueError(f'--mask={spec} is {gray.shape[0]}x{gray.shape[1]}, the model makes {h}x{w} images.')
@@ -140,19 +178,25 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
 # Editing
 # --------------------------------------------------------------------------------------------------
 def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int,
-             mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
+             mesh: Optional[jax.sharding.Mesh] = None, progress_label: Optional[str] = None,
+             unit: str = 'images') -> np.ndarray:
   """fn(start, *batch) over batches of one size, min(batch_size, num) (the last is padded by repetition,
   then cut). With a mesh the size is rounded up to a multiple of its device count, the batch arrays reach fn
-  split over its devices (sharding.shard_batch), and every process gets all of fn's rows back."""
+  split over its devices (sharding.shard_batch), and every process gets all of fn's rows back. With a
+  progress_label, process 0 logs progress lines (rate, ETA) as rows come back."""
   batch_size = min(batch_size, num)
   if mesh is not None:
     batch_size = sharding.padded_batch_size(batch_size, mesh)
+  progress = progress_lib.Progress(progress_label or '', total=num, unit=unit,
+                                   enabled=progress_label is not None and jax.process_index() == 0)
   out = []
   for start in range(0, num, batch_size):
     batch = [sharding.pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
     if mesh is not None:
       batch = [sharding.shard_batch(b, mesh) for b in batch]
     out.append(sharding.to_host(fn(start, *batch))[:num - start])
+    progress.update(len(out[-1]))
+  progress.done()
   return np.concatenate(out)[:num]
 
 
@@ -217,7 +261,7 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
 
     def run_interp(start, index):
       return interp(params, keys_of(edit_seed, start, len(index)), keys_of(degrade_seed, start, len(index)))
-    x = _batched(run_interp, [np.arange(num)], batch_size, num, mesh)
+    x = _batched(run_interp, [np.arange(num)], batch_size, num, mesh, 'Editing (interpolate)', 'noise pairs')
     return {'result': input_pipeline.to_uint8(x)}
 
   if clean_uint8 is None:
@@ -250,7 +294,7 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys), in_shardings=(replicated, batch, batch),
                 out_shardings=batch)
   result = _batched(lambda start, x: run(params, x, keys_of(edit_seed, start, len(x))),
-                    [np.asarray(degraded, np.float32)], batch_size, num, mesh)
+                    [np.asarray(degraded, np.float32)], batch_size, num, mesh, f'Editing ({task})')
   return {'original': clean_uint8, 'degraded': input_pipeline.to_uint8(degraded),
           'result': input_pipeline.to_uint8(result)}
 
@@ -280,19 +324,29 @@ def write(arrays: dict[str, np.ndarray], out_dir: str, task: str) -> tuple[str, 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  for name in ('num', 'alphas', 'batch_size', 'factor'):
+    if FLAGS[name].value < 1:
+      raise errors.UsageError(f'--{name} must be >= 1, got {FLAGS[name].value}.')
+  times = cli.parse_floats('ts', FLAGS.ts)
+  if FLAGS.task != 'interpolate' and FLAGS.input is None:
+    raise errors.UsageError(f'--task={FLAGS.task} needs --input (clean images, or the stroke painting for stroke).')
   multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
+  if jax.process_index() == 0:  # Before the editing, not after it.
+    cli.check_writable_dir(FLAGS.out, '--out')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
-  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+  if FLAGS.task == 'interpolate':  # --num pairs x --alphas images, held in host memory as float32 and uint8.
+    cli.check_fits_in_memory(FLAGS.num * FLAGS.alphas * int(np.prod(model.image_shape)) * 5,
+                             f'--num={FLAGS.num} pairs x --alphas={FLAGS.alphas}', 'lower --num or --alphas.')
   try:
-    if FLAGS.task != 'interpolate' and FLAGS.input is None:
-      raise ValueError(f'--task={FLAGS.task} needs --input (clean images, or the stroke painting for stroke).')
     clean = None if FLAGS.task == 'interpolate' else load_images(FLAGS.input)
     arrays = run_task(model, FLAGS.task, clean, mask=FLAGS.mask, factor=FLAGS.factor, sigma=FLAGS.sigma,
                       ts=times, seed=FLAGS.seed, num=FLAGS.num, alphas=FLAGS.alphas, batch_size=FLAGS.batch_size,
                       class_label=FLAGS.class_label)
+  except errors.UserError:
+    raise
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise errors.UsageError(str(e)) from e
   if jax.process_index() != 0:  # Every process edited (its share of each batch) and holds all images.
     return
   npz, png = write(arrays, FLAGS.out, FLAGS.task)
@@ -303,5 +357,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -22,6 +22,7 @@ images (cm_jax.metrics.memorization).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -30,7 +31,6 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -39,13 +39,16 @@ import numpy as np
 
 from cm_jax import atomic_file
 from cm_jax import classifier as classifier_lib
+from cm_jax import cli
 from cm_jax import config_validation
+from cm_jax import errors
 from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import karras
 from cm_jax import metrics
 from cm_jax import multihost
 from cm_jax import paths
+from cm_jax import progress as progress_lib
 from cm_jax import sharding
 
 MNIST_FAMILY = input_pipeline.MNIST_FAMILY
@@ -94,17 +97,43 @@ def make_feature_net(config: ml_collections.ConfigDict) -> FeatureNet:
       raise ValueError(f"evaluation.feature_net = 'classifier' is for {MNIST_FAMILY}, not {config.data.name!r}; "
                        "use 'inception'.")
     net = classifier_lib.load_or_train(config)
-    return FeatureNet('classifier', lambda x: net(x, ev.batch_size, devices=jax.devices()), net.cache_id,
-                      net.protocol(), local_fn=lambda x: net(x, ev.batch_size, devices=jax.local_devices()))
+    # fn scores samples (Evaluator.score); local_fn computes the reference features (load_reference).
+    return FeatureNet('classifier', lambda x: net(x, ev.batch_size, devices=jax.devices(),
+                                                  progress_label='Sample features (classifier)'),
+                      net.cache_id, net.protocol(),
+                      local_fn=lambda x: net(x, ev.batch_size, devices=jax.local_devices(),
+                                             progress_label='Reference features (classifier)'))
   from cm_jax import inception  # pylint: disable=g-import-not-at-top  (TensorFlow only when needed)
   path = inception.resolve_weights(ev.inception_path, classifier_lib.cache_dir(config))
   net = inception.InceptionNet(path)
   protocol = dict(net.protocol(), comparable_to_published_fid=True,
                   note='Published FIDs use 50,000 samples and a fixed reference set (CIFAR-10: the 50,000 '
                        'train images); other sample counts or splits shift the numbers.')
-  local_fn = lambda x: net(x, min(ev.batch_size, 100))  # TensorFlow on this host's CPU.
-  return FeatureNet('inception', lambda x: sharding.split_over_processes(local_fn, x),
-                    protocol['graph_sha256'][:16], protocol, local_fn=local_fn)
+  batch = min(ev.batch_size, 100)
+  local_fn = lambda x: net(x, batch)  # TensorFlow on this host's CPU.
+  samples_fn = batches_with_progress(local_fn, batch, 'Sample features (Inception)')
+  return FeatureNet('inception', lambda x: sharding.split_over_processes(samples_fn, x),
+                    protocol['graph_sha256'][:16], protocol,
+                    local_fn=batches_with_progress(local_fn, batch, 'Reference features (Inception)'))
+
+
+def batches_with_progress(fn: Callable[[np.ndarray], tuple[np.ndarray, ...]], batch_size: int,
+                          label: str) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+  """fn (a per-row feature function that batches by batch_size itself, as InceptionNet) called one batch at a
+  time, so that process 0 can log progress between batches. The batches are those fn would make, so the
+  features are the same; the rows of fn's outputs are concatenated."""
+  def run(images_BHWC: np.ndarray) -> tuple[np.ndarray, ...]:
+    if not len(images_BHWC):
+      return fn(images_BHWC)
+    progress = progress_lib.Progress(label, total=len(images_BHWC), unit='images',
+                                     enabled=jax.process_index() == 0)
+    parts = []
+    for start in range(0, len(images_BHWC), batch_size):
+      parts.append(fn(images_BHWC[start:start + batch_size]))
+      progress.update(len(parts[-1][0]))
+    progress.done()
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts))
+  return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +168,7 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
                       f'_v{REFERENCE_FORMAT}.npz')
   info = dict(data_protocol(config.data), split=ev.reference_split, num=int(len(images)), cache_file=path)
   if paths.exists(path):  # Local or gs:// caches.
-    with np.load(io.BytesIO(paths.read_bytes(path))) as f:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
       features = f['features']
     logging.info('Loaded cached reference features %s.', path)
   else:
@@ -237,6 +266,22 @@ def ternary_search(metric_at: Callable[[int], float], lo: int, hi: int) -> int:
   return min(range(lo, hi + 1), key=metric_at)
 
 
+def max_ternary_evaluations(lo: int, hi: int) -> int:
+  """The most distinct indices `ternary_search` evaluates on [lo, hi], over every outcome of its comparisons
+  (the count depends on them: 6 to 8 on [1, 16]); the two-step search's progress counts towards it."""
+  @functools.lru_cache(maxsize=None)
+  def most_new(size: int, seen: frozenset) -> int:  # On [0, size - 1], `seen` evaluated already (memoised).
+    if size < 4:
+      return size - len(seen)
+    m1, m2 = (size - 1) // 3, size - 1 - (size - 1) // 3
+    new = len({m1, m2} - seen)
+    seen = seen | {m1, m2}
+    left = frozenset(i for i in seen if i <= m2 - 1)
+    right = frozenset(i - m1 - 1 for i in seen if i >= m1 + 1)
+    return new + max(most_new(m2, left), most_new(size - m1 - 1, right))
+  return most_new(hi - lo + 1, frozenset()) if lo <= hi else 0
+
+
 def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
                          config: ml_collections.ConfigDict, points: int) -> dict:
   """Ternary search of two-step sampling's intermediate time over the interior of a `points` Karras grid."""
@@ -245,6 +290,10 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
     raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
   grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
   evaluated: dict[int, dict] = {}
+  # Each candidate samples and scores a full set (minutes): progress counts them towards the most the search
+  # can need, an upper bound, as is the ETA (the search may stop sooner).
+  progress = progress_lib.Progress('Two-step search', total=max_ternary_evaluations(1, points - 2),
+                                   unit='candidates', total_is_upper_bound=True, enabled=jax.process_index() == 0)
 
   def metric_at(index: int) -> float:
     if index not in evaluated:
@@ -252,9 +301,11 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
       evaluated[index] = dict(index=index, t=t, **score_at_time(t))
       logging.info('Two-step search: grid index %d (t = %.4f): %s = %.4f', index, t, fd_key,
                    evaluated[index][fd_key])
+      progress.update(1)
     return evaluated[index][fd_key]
 
   best = ternary_search(metric_at, 1, points - 2)
+  progress.done()
   return {'grid_points': points, 'grid': 'Karras, descending (index 0 = sigma_max)', 'metric': fd_key,
           'best_index': best, 'best_t': evaluated[best]['t'], 'best': evaluated[best],
           'evaluated': [evaluated[i] for i in sorted(evaluated)]}
@@ -265,7 +316,11 @@ def memorization_check(config: ml_collections.ConfigDict, samples_BHWC: np.ndarr
   train = input_pipeline.load_images(config.data, 'train')
   heldout = input_pipeline.load_images(config.data, 'test')[:num_heldout]
   flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
-  report = metrics.memorization(flat(samples_BHWC), flat(train), flat(heldout))
+  progress = progress_lib.Progress('Memorisation check (nearest training images)',
+                                   total=len(samples_BHWC) + len(heldout), unit='images',
+                                   enabled=jax.process_index() == 0)
+  report = metrics.memorization(flat(samples_BHWC), flat(train), flat(heldout), on_rows=progress.update)
+  progress.done()
   return dict(report, space='pixels in [0, 1], Euclidean', num_samples=int(len(samples_BHWC)),
               num_train=int(len(train)), num_heldout=int(len(heldout)))
 
@@ -341,8 +396,17 @@ def define_flags() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  for name, low in (('num', 1), ('batch_size', 1), ('search_num', 0), ('memorization', 0), ('search_points', 3)):
+    if FLAGS[name].value < low:
+      raise errors.UsageError(f'--{name} must be >= {low}, got {FLAGS[name].value}.')
+  if FLAGS.num_reference is not None and FLAGS.num_reference < 0:
+    raise errors.UsageError(f'--num_reference must be >= 0 (0: all), got {FLAGS.num_reference}.')
+  times = cli.parse_floats('ts', FLAGS.ts)
+  step_counts = None if FLAGS.steps is None else cli.parse_ints('steps', FLAGS.steps)
   multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
+  if FLAGS.output and jax.process_index() == 0:  # Before the sampling, not after it.
+    cli.check_writable_file(FLAGS.output, '--output')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
@@ -351,21 +415,20 @@ def main(argv):
   for key, value in overrides.items():
     if value is not None:
       config.evaluation[key] = value
+  config_validation.validate(config)
+  if jax.process_index() == 0:  # Classifiers and reference features are cached there.
+    cli.check_writable_dir(classifier_lib.cache_dir(config), '--cache_dir' if FLAGS.cache_dir else
+                           'the evaluation cache (evaluation.cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax)')
+  cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
+                           'lower --num.')
   try:
-    config_validation.validate(config)
-    for name in ('num', 'search_num', 'memorization'):
-      if FLAGS[name].value < (1 if name == 'num' else 0):
-        raise ValueError(f'--{name} must be >= {1 if name == "num" else 0}, got {FLAGS[name].value}.')
-    if FLAGS.steps is None:
+    if step_counts is None:
       step_counts = [None] if model.is_diffusion_model else [1, 2]
-    else:
-      step_counts = [int(s) for s in FLAGS.steps]
-    times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
     if times is not None and len(step_counts) != 1:
-      raise ValueError('--ts needs a single --steps value.')
+      raise errors.UsageError('--ts needs a single --steps value.')
     samplers = [inference.make_sampler(config, FLAGS.sampler, s, times) for s in step_counts]
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise errors.UsageError(str(e)) from e
   evaluator = make_evaluator_on_all_processes(config)
   out = evaluate(model, evaluator, samplers, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                  search_points=FLAGS.search_points if FLAGS.search_two_step else 0, search_num=FLAGS.search_num,
@@ -378,5 +441,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 
 from cm_jax import checkpointing
+from cm_jax import errors
 from cm_jax import input_pipeline
 from cm_jax import karras
+from cm_jax import progress as progress_lib
 from cm_jax import sampling
 from cm_jax import sharding
 from cm_jax import train_state as ts
@@ -228,7 +230,8 @@ def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict, mesh: 
 
 def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int, batch_size: int,
                       image_shape: tuple[int, ...], labels: Optional[np.ndarray] = None,
-                      before_batch: Optional[Callable[[], None]] = None) -> np.ndarray:
+                      before_batch: Optional[Callable[[], None]] = None,
+                      progress_label: Optional[str] = None) -> np.ndarray:
   """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape, labels)` (a jitted
   `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i) and labels[i], whatever the batch size.
 
@@ -236,6 +239,8 @@ def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int
   a multiple of the device count (rows past num get the keys of the following indices and are dropped), and
   every process gets all num samples (in a multi-process run every process must call this together).
   before_batch() runs before each batch (training passes its preemption check, which may raise).
+  Process 0 logs progress (images/s, ETA; cm_jax.progress) as `progress_label`, by default 'Sampling (2-step
+  consistency, times 0.821)' or the like, so that an evaluation of several samplers says which one is running.
   """
   if num < 1 or batch_size < 1:
     raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
@@ -248,6 +253,11 @@ def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int
     params = sharding.replicate(params, mesh)  # Once, not at every batch.
   seed_key = jax.random.PRNGKey(seed)
   out = []
+  if progress_label is None:
+    times = f", times {', '.join(f'{t:.4g}' for t in spec.times)}" if spec.times else ''
+    progress_label = (f'Sampling ({spec.steps}-step consistency{times})' if spec.name == 'consistency' else
+                      f'Sampling (EDM {spec.name}, {spec.steps} steps)')
+  progress = progress_lib.Progress(progress_label, total=num, unit='images', enabled=jax.process_index() == 0)
   for start in range(0, num, batch_size):
     if before_batch is not None:
       before_batch()
@@ -258,6 +268,8 @@ def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int
       batch_labels[:min(batch_size, num - start)] = labels[start:start + batch_size]
     x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape), batch_labels)
     out.append(sharding.to_host(x)[:num - start])
+    progress.update(len(out[-1]))  # Counted once on the host: no synchronisation beyond to_host's own.
+  progress.done()
   return np.concatenate(out)[:num]
 
 
@@ -328,7 +340,7 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
   else:
     rate = rates[0] if ema is None else float(ema)
     if rate not in rates:
-      raise ValueError(f'ema={ema!r}: this run keeps EMAs {rates} (config.training.ema_rates); '
+      raise errors.UsageError(f'ema={ema!r}: this run keeps EMAs {rates} (config.training.ema_rates); '
                        "pick one of them or 'online'.")
     params, which = state['ema_params'][rates.index(rate)], f'ema_{rate}'
   return LoadedModel(config=config, params=params, step=int(step), which_params=which, workdir=workdir)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class FeatureStats:
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> FeatureStats:
     """Reads a file written by `save`; a ValueError names the file if a key is missing."""
-    with np.load(os.fspath(path)) as data:
+    with np.load(os.fspath(path), allow_pickle=False) as data:
       missing = {'mu', 'sigma', 'num'} - set(data.files)
       if missing:
         raise ValueError(f'{os.fspath(path)}: not a FeatureStats file (missing {sorted(missing)}; '
@@ -200,12 +200,15 @@ def precision_recall(real_ND: np.ndarray, fake_ND: np.ndarray, k: int = 3,
   return {'precision': float(fake_covered.mean()), 'recall': float(real_covered.mean())}
 
 
-def _nearest_neighbours(queries_ND: np.ndarray, references_MD: np.ndarray,
-                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(distances (N,), indices (N,)): nearest reference of each query, the distance recomputed exactly."""
+def _nearest_neighbours(queries_ND: np.ndarray, references_MD: np.ndarray, batch_size: int,
+                        on_rows: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(distances (N,), indices (N,)): nearest reference of each query, the distance recomputed exactly.
+  on_rows(n) is called after each block of n queries (progress reporting)."""
   index_N = np.empty(len(queries_ND), np.int64)
   for rows, d2_BM in _sq_distance_blocks(queries_ND, references_MD, batch_size):
     index_N[rows] = np.argmin(d2_BM, axis=1)
+    if on_rows is not None:
+      on_rows(rows.stop - rows.start)
   # The expanded form |q|^2 - 2 q.r + |r|^2 cancels badly for near-copies; recompute the winner directly.
   return np.linalg.norm(queries_ND - references_MD[index_N], axis=1), index_N
 
@@ -222,7 +225,8 @@ def nearest_neighbour_distances(queries_ND: np.ndarray, references_MD: np.ndarra
 
 # ---------------------------------------------------------------------------------------------- Memorisation.
 def memorization(samples_ND: np.ndarray, train_MD: np.ndarray, heldout_KD: np.ndarray,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, float]:
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 on_rows: Optional[Callable[[int], None]] = None) -> dict[str, float]:
   """Nearest-train-image distances of generated samples, against those of held-out images.
 
   Held-out (test) images were never trained on, so their distances to the train set are what an honest
@@ -240,8 +244,8 @@ def memorization(samples_ND: np.ndarray, train_MD: np.ndarray, heldout_KD: np.nd
   heldout_KD = _as_matrix('heldout_KD', heldout_KD)
   _check_same_dim(samples_ND=samples_ND, train_MD=train_MD, heldout_KD=heldout_KD)
   _check_nonempty(samples_ND=samples_ND, train_MD=train_MD, heldout_KD=heldout_KD)
-  d_samples = _nearest_neighbours(samples_ND, train_MD, batch_size)[0]
-  d_heldout = _nearest_neighbours(heldout_KD, train_MD, batch_size)[0]
+  d_samples = _nearest_neighbours(samples_ND, train_MD, batch_size, on_rows)[0]
+  d_heldout = _nearest_neighbours(heldout_KD, train_MD, batch_size, on_rows)[0]
   heldout_median = float(np.median(d_heldout))
   if heldout_median == 0.0:
     raise ValueError('half of the held-out images duplicate training images (median distance 0): the held-out '

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import numpy as np
 
+from cm_jax import cli
+from cm_jax import errors
 from cm_jax import images
 from cm_jax import inference
 from cm_jax import multihost
@@ -52,20 +53,28 @@ def define_flags() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
-  model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
   if not FLAGS.out.endswith('.npz'):
-    raise app.UsageError(f'--out must end in .npz, got {FLAGS.out!r}.')
-  times = None if FLAGS.ts is None else [float(t) for t in FLAGS.ts]
+    raise errors.UsageError(f'--out must end in .npz, got {FLAGS.out!r}.')
+  for name, low in (('num', 1), ('batch_size', 1), ('grid', 0)):
+    if FLAGS[name].value < low:
+      raise errors.UsageError(f'--{name} must be >= {low}, got {FLAGS[name].value}.')
+  times = cli.parse_floats('ts', FLAGS.ts)
+  multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
+  if jax.process_index() == 0:  # Before the sampling, not after it.
+    cli.check_writable_file(FLAGS.out, '--out')
+  model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
+  # Every sample is held in host memory (float32, then uint8) until the npz is written.
+  cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
+                           'lower --num, or sample in parts with different --seed values.')
   try:
     spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise errors.UsageError(str(e)) from e
   try:  # inference.resolve_labels checks the label against the model.
     labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
   except ValueError as e:
-    raise app.UsageError(f'--class_label={FLAGS.class_label}: {e}') from e
+    raise errors.UsageError(f'--class_label={FLAGS.class_label}: {e}') from e
   logging.info('Sampling %d images with %s, from step %d (%s)%s.', FLAGS.num, spec.describe(), model.step,
                model.which_params, '' if labels is None else
                (f', class {FLAGS.class_label}' if FLAGS.class_label is not None else ', uniformly drawn classes'))
@@ -83,5 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -13,25 +13,23 @@ import os
 import time
 from typing import Callable, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from cm_jax import checkpointing
+from cm_jax import cli
 from cm_jax import config_validation
+from cm_jax import errors
 from cm_jax import evaluate as evaluate_lib
 from cm_jax import images
 from cm_jax import inference
 from cm_jax import input_pipeline
 from cm_jax import losses
 from cm_jax import multihost
-from cm_jax import paths
 from cm_jax import sampling
 from cm_jax import sharding
 from cm_jax import teacher as teacher_lib
@@ -59,9 +57,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multihost.StopSignal) -> ts.TrainState:
+  # clu's writers import TensorFlow (seconds): only once a run really starts.
+  with cli.native_stderr_hidden():
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   tc = config.training
-  paths.makedirs(workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ----------------------------------------------------------------------------------------------
   # Mesh: one ('data',) axis over every device of every process.
@@ -81,6 +81,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
                                            config.data.name)
   train_data = multihost.process_zero_first(  # Process 0 downloads (if it must) before the others read.
       lambda: input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional), 'cm_jax_data')
+  if train_data.num_examples < tc.batch_size:  # Every batch would repeat images: almost surely a mistake.
+    raise errors.ConfigError(
+        f'config.training.batch_size: {tc.batch_size} is more than the {train_data.num_examples} training images '
+        f'of data.name = {config.data.name!r}{" in " + config.data.manual_dir if config.data.manual_dir else ""}; '
+        'lower the batch size or add images.')
   data_fingerprint = train_data.fingerprint
   image_shape = tuple(train_data.image_shape)
   stream = input_pipeline.BatchStream(train_data, config.seed, tc.batch_size, jax.process_index(),
@@ -150,6 +155,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
     state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)()
     logging.info('No checkpoint in %s: starting from step 0.', checkpointing.checkpoint_dir(workdir))
   start_step = int(jax.device_get(state.step))
+  # Only once the data, the teacher and any checkpoint have passed their checks: a refused start writes nothing.
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ----------------------------------------------------------------------------------------------
   # Compiled functions.
@@ -307,23 +314,17 @@ def define_flags() -> None:
   multihost.define_flags()
 
 
-def quiet_orbax_info_logs() -> None:
-  """Keeps the console readable: Orbax logs several INFO lines per save; its warnings (level >= 30) show."""
-  def keep(record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-  logging.get_absl_handler().addFilter(keep)
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
   if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
-  quiet_orbax_info_logs()
+    raise errors.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
+  config_validation.validate(FLAGS.config)  # Before anything is created, so a bad value leaves no trace.
   multihost.initialize_from_flags()
+  if jax.process_index() == 0:
+    cli.check_writable_dir(FLAGS.workdir, '--workdir')
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -25,12 +25,13 @@ from etils import epath
 import jax
 import numpy as np
 
+from cm_jax import errors
 from cm_jax import paths
 
 LOCK_NAME = 'LOCK.json'
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirBusyError(errors.UserError, RuntimeError):
   """Another run holds the workdir."""
 
 
@@ -111,6 +112,8 @@ class WorkdirLock:
   def acquire(self) -> None:
     """Takes the lock on this process or raises WorkdirBusyError naming the holder."""
     self._started = self.clock()
+    # A run that fails before writing anything (bad data, say) leaves no empty workdir behind.
+    self._created_dir = not paths.is_remote(self.path) and not self.path.parent.exists()
     paths.makedirs(self.path.parent)
     for _ in range(3):  # A stale lock is removed and the exclusive create retried.
       if self._write(exclusive=True):
@@ -153,6 +156,11 @@ class WorkdirLock:
       if holder and holder.get('token') == self.token:
         self.path.unlink()
       self._held = False
+      if getattr(self, '_created_dir', False):
+        try:
+          os.rmdir(os.fspath(self.path.parent))  # Only if empty (local workdirs only).
+        except OSError:
+          pass
 
   # ----------------------------------------------------------------------------------------------
   def __enter__(self) -> 'WorkdirLock':

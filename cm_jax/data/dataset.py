@@ -8,8 +8,10 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from cm_jax import errors
 
-class DataUnavailableError(RuntimeError):
+
+class DataUnavailableError(errors.UserError, RuntimeError):
   """No configured or fallback source could provide the dataset."""
 
 

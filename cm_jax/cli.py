@@ -1,0 +1,398 @@
+"""What every cm_jax command-line tool shares: flag parsing, one-line errors, exit codes, quiet logs.
+
+    if __name__ == '__main__':
+      cli.run(main, define_flags)
+
+- A user error (a bad flag, config value, path or file; see cm_jax/errors.py) ends with one line on stderr,
+  `cm_jax.sample: error: ...`, and exit code 2 (usage) or 1 (failure); --verbose adds the traceback.
+  Errors that cm_jax itself raises about its input (ValueError, FileNotFoundError, FloatingPointError from
+  cm_jax's own code) count as user errors too; anything raised elsewhere is a bug and keeps its traceback.
+- A second Ctrl-C (the first one stops training cleanly, see multihost.StopSignal) exits 130 with one line.
+- Logs: cm_jax's own INFO lines (progress, what was loaded and written) and every library's warnings show;
+  library INFO lines (Orbax, TFDS, absl, TensorFlow's C++ start-up lines) only with --verbose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+# TensorFlow (TFDS, the Inception network) reads this when it is first imported: hide its C++ INFO lines.
+if '--verbose' not in sys.argv and '--verbose=true' not in sys.argv:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cm_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Library modules whose INFO lines are the training log itself: metric values, and steps/s with the ETA.
+_KEPT_LIBRARY_INFO = (os.sep + os.path.join('clu', 'metric_writers') + os.sep,
+                      os.sep + os.path.join('clu', 'periodic_actions.py'))
+# Library warnings that say nothing to a user: Orbax on every read-only checkpoint manager (sample, edit, ...).
+_LIBRARY_NOISE = ('Given directory is read only', 'read_only=True, setting save_interval_steps=0',
+                  'has no dataset_info.json')  # TFDS, while cm_jax looks for prepared data before local files.
+# clu's console copies of what goes to TensorBoard anyway: the whole flattened config, and image shapes.
+_CLU_NOISE = ('[Hyperparameters]', 'Got images')
+_quiet = False  # Set by configure_logging: the CLIs hide native libraries' start-up lines too.
+# OS errors that are the environment's, not cm_jax's: reported in one line naming the path.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                       errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.ENAMETOOLONG}
+_USER_ERROR_TYPES = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def program_name() -> str:
+  """'cm_jax.train' for `python -m cm_jax.train`, else the script's name."""
+  main = sys.modules.get('__main__')
+  spec = getattr(main, '__spec__', None)
+  if spec is not None and spec.name:
+    return spec.name
+  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'cm_jax'
+
+
+def one_line(text: str) -> str:
+  return ' '.join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+def run(main: Callable[[list[str]], None], define_flags: Optional[Callable[[], None]] = None) -> None:
+  """Defines the tool's flags and --verbose, parses them, and runs main(argv) with cm_jax's error handling."""
+  if define_flags is not None:
+    define_flags()
+  if 'verbose' not in FLAGS:
+    flags.DEFINE_bool('verbose', False, 'Show library INFO logs, and the traceback of a user error.')
+  app.run(lambda argv: _run_main(main, argv), flags_parser=parse_flags)
+
+
+def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  verbose = FLAGS.verbose
+  configure_logging(verbose)
+  try:
+    main(argv)
+  except KeyboardInterrupt:
+    if verbose:
+      raise
+    fail('interrupted (a second Ctrl-C stops at once, without saving; the last saved checkpoint is kept).', 130)
+  except Exception as e:  # pylint: disable=broad-except
+    code = user_error_code(e)
+    if code is None or verbose:
+      raise
+    fail(describe(e), code)
+
+
+def fail(message: str, code: int) -> None:
+  """Prints `PROGRAM: error: MESSAGE` as one line on stderr and exits with `code`."""
+  logging.flush()
+  sys.stderr.flush()
+  sys.stderr.write(f'{program_name()}: error: {one_line(message)}\n')
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def user_error_code(e: BaseException) -> Optional[int]:
+  """The exit code of a user error, or None for a program bug (which keeps its traceback)."""
+  if isinstance(e, errors.UserError):
+    return e.exit_code
+  if isinstance(e, (app.UsageError, flags.Error)):
+    return errors.USAGE
+  if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS and e.filename:
+    return errors.FAILURE
+  if isinstance(e, _USER_ERROR_TYPES) and raised_by_cm_jax(e):
+    return errors.FAILURE
+  return None
+
+
+def raised_by_cm_jax(e: BaseException) -> bool:
+  """True if the innermost frame of e's traceback is cm_jax's own code: a message cm_jax wrote on purpose."""
+  frames = traceback.extract_tb(e.__traceback__)
+  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def describe(e: BaseException) -> str:
+  if isinstance(e, OSError) and not isinstance(e, errors.UserError) and e.filename:
+    return f'{e.filename}: {e.strerror or e}{_os_error_hint(e)}'
+  return str(e) or type(e).__name__
+
+
+def _os_error_hint(e: OSError) -> str:
+  if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    return '. Free space there (or choose another directory) and run again; the last saved checkpoint is kept.'
+  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return '. Make it writable, or choose another path.'
+  return '.'
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags and config files
+# --------------------------------------------------------------------------------------------------
+def parse_flags(argv: list[str]) -> list[str]:
+  """FLAGS(argv), with every parse error as one line (exit 2) naming the flag and, for configs, the file."""
+  config_path = _config_file_argument(argv)
+  if config_path is not None and 'config' in FLAGS:
+    if not os.path.isfile(config_path):
+      fail(f'--config={config_path}: no such file. Give the path of a config file, e.g. '
+           '--config=configs/fashion_mnist_ct.py (see cm_jax/configs/).', errors.USAGE)
+    for field in _config_overrides(argv):  # Checked here: ml_collections reports them as bare KeyErrors.
+      if field not in _default_fields():
+        fail(f'--config.{field}: the config has no field {field!r}.{suggest_field(field)}', errors.USAGE)
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e), errors.USAGE)
+  except SyntaxError as e:
+    fail(f'--config={config_path}: line {e.lineno}: {e.msg}. Fix the config file.', errors.USAGE)
+  except (AttributeError, KeyError) as e:
+    if config_path is None:
+      raise
+    fail(_config_attribute_error(e, argv, config_path), errors.USAGE)
+  except Exception as e:  # pylint: disable=broad-except
+    if config_path is None or not _raised_in_file(e, config_path):
+      raise
+    fail(f'--config={config_path}: get_config() raised {type(e).__name__}: {e}', errors.USAGE)
+  if config_path is not None and 'config' in FLAGS:
+    problem = config_structure_problem(FLAGS.config)
+    if problem:
+      fail(f'--config={config_path}: {problem}', errors.USAGE)
+  return rest
+
+
+def _config_file_argument(argv: Sequence[str]) -> Optional[str]:
+  """The file part of --config=FILE[:ARG] (the last one given), or None."""
+  path = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith('--config='):
+      path = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  return None if path is None else path.split(':', 1)[0]
+
+
+def _raised_in_file(e: BaseException, path: str) -> bool:
+  target = os.path.abspath(path)
+  return any(os.path.abspath(f.filename) == target for f in traceback.extract_tb(e.__traceback__))
+
+
+def _config_overrides(argv: Sequence[str]) -> list[str]:
+  """The dotted fields of --config.FIELD=VALUE arguments."""
+  return [a[len('--config.'):].split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+
+
+def _config_attribute_error(e: Exception, argv: Sequence[str], config_path: str) -> str:
+  message = str(e.args[0]) if e.args else str(e)
+  if 'get_config' in message:
+    return (f'--config={config_path} defines no get_config(); a config file defines get_config() returning an '
+            'ml_collections.ConfigDict (start from cm_jax.configs.default.get_config()).')
+  return f'--config={config_path} {_config_overrides(argv)}: {type(e).__name__}: {one_line(message)}'
+
+
+def suggest_field(field: str) -> str:
+  """' Did you mean optim.lr?' for a misspelt dotted field (among cm_jax's default config), or the fields of
+  its section, or ''."""
+  known = list(_default_fields())
+  section, _, last = field.rpartition('.')
+  siblings = sorted(k[len(section) + 1:] for k in known if section and k.startswith(section + '.')
+                    and '.' not in k[len(section) + 1:])
+  close = difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)
+  if close:
+    return f' Did you mean {section}.{close[0]}?'
+  if siblings:
+    return f' The fields of {section} are: {", ".join(siblings)}.'
+  close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+  return f' Did you mean {close[0]}?' if close else ''
+
+
+def _default_fields() -> dict:
+  from cm_jax import checkpointing  # pylint: disable=g-import-not-at-top  (Orbax only when needed)
+  from cm_jax.configs import default  # pylint: disable=g-import-not-at-top
+  return checkpointing.flatten_dict(default.get_config().to_dict())
+
+
+def config_structure_problem(config) -> Optional[str]:
+  """Why `config` is not a cm_jax config (not a ConfigDict, or fields missing or unknown), or None."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, ml_collections.ConfigDict):
+    return (f'get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict; start from '
+            'cm_jax.configs.default.get_config() and change fields.')
+  from cm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  fields = checkpointing.flatten_dict(config.to_dict())
+  known = _default_fields()
+  # A section holding a dict-valued leaf (none today) would flatten deeper; compare on the default's keys.
+  missing = sorted(k for k in known if k not in fields)
+  unknown = sorted(k for k in fields if k not in known)
+  if missing:
+    return (f'the config lacks the field(s) {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}; start '
+            'from cm_jax.configs.default.get_config() and change fields rather than building a config anew.')
+  if unknown:
+    return (f'unknown config field(s) {", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}.'
+            f'{suggest_field(unknown[0])}')
+  return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------------------------------
+def configure_logging(verbose: bool) -> None:
+  """Hides library INFO lines unless `verbose` (see the module docstring)."""
+  global _quiet
+  _quiet = not verbose
+  if verbose:
+    return
+  handler = logging.get_absl_handler()
+  for f in list(handler.filters):
+    if getattr(f, 'cm_jax_quiet', False):
+      handler.removeFilter(f)
+  handler.addFilter(_QuietLibraries())
+
+
+class _QuietLibraries:
+  """logging.Filter: keeps warnings and errors, and INFO lines from cm_jax or clu's training log."""
+  cm_jax_quiet = True
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:
+      return not any(noise in str(record.msg) for noise in _LIBRARY_NOISE)
+    path = os.path.abspath(record.pathname)
+    if path.startswith(PACKAGE_DIR + os.sep):
+      return True
+    if not any(part in path for part in _KEPT_LIBRARY_INFO):
+      return False
+    try:
+      message = record.getMessage()
+    except (TypeError, ValueError):
+      return True
+    return not any(noise in message for noise in _CLU_NOISE)
+
+
+@contextlib.contextmanager
+def native_stderr_hidden():
+  """In a quiet CLI run, hides what native code writes to stderr meanwhile (TensorFlow's start-up lines when
+  it is imported); Python errors still propagate. A no-op with --verbose and outside the CLIs."""
+  if not _quiet:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as null:
+      os.dup2(null.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before long work
+# --------------------------------------------------------------------------------------------------
+def parse_floats(flag: str, values: Optional[Sequence[str]]) -> Optional[list[float]]:
+  """--ts=0.8,0.3 as floats; a value that is not a number is a usage error naming the flag."""
+  if values is None:
+    return None
+  out = []
+  for v in values:
+    try:
+      out.append(float(v))
+    except ValueError:
+      raise errors.UsageError(f'--{flag}={",".join(values)}: {v!r} is not a number; give comma-separated '
+                              f'numbers, e.g. --{flag}=0.8,0.3.') from None
+  return out
+
+
+def parse_ints(flag: str, values: Sequence[str]) -> list[int]:
+  """--steps=1,2 as ints; anything else is a usage error naming the flag."""
+  out = []
+  for v in values:
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise errors.UsageError(f'--{flag}={",".join(values)}: {v!r} is not an integer; give comma-separated '
+                              f'integers, e.g. --{flag}=1,2.') from None
+  return out
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Checks, before any long work starts, that files can be written in the directory `path`.
+
+  An existing directory gets a probe file written and removed; a missing one is not created (a failing run
+  leaves nothing behind): its nearest existing parent must be writable. `what` names it in the message (e.g.
+  '--workdir'). URIs (gs://...) are left to the first write.
+  """
+  from cm_jax import paths  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(path):
+    return
+  try:
+    if os.path.isdir(path):
+      probe = os.path.join(path, f'.cm_jax_write_test.{os.getpid()}')
+      with open(probe, 'wb') as f:
+        f.write(b'x')
+      os.remove(probe)
+      return
+    if os.path.exists(path):
+      raise OSError(errno.ENOTDIR, 'not a directory', path)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise OSError(errno.ENOTDIR, f'{parent} is not a directory', path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise OSError(errno.EACCES, f'cannot create it in {parent}', path)
+  except OSError as e:
+    raise errors.OutputPathError(f'{what}={path} is not writable ({e.strerror or e}): choose a directory you can '
+                                 'write to, or fix its permissions or free space.') from None
+
+
+def check_writable_file(path: str, what: str) -> None:
+  """Checks that the file `path` can be created (its folder exists or can be made, and is writable)."""
+  from cm_jax import paths  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(path):
+    return
+  if os.path.isdir(path):
+    raise errors.OutputPathError(f'{what}={path} is a directory; give a file path.')
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    check_writable_dir(folder, what)
+  except errors.OutputPathError as e:
+    reason = str(e).split(' is not writable ', 1)[-1]
+    raise errors.OutputPathError(f'{what}={path}: its folder {folder} is not writable {reason}') from None
+
+
+def available_memory_bytes() -> Optional[int]:
+  """MemAvailable of /proc/meminfo (Linux), else physical memory, else None."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_fits_in_memory(num_bytes: int, what: str, fix: str, fraction: float = 0.5) -> None:
+  """Refuses work whose results (num_bytes, held in host memory) exceed `fraction` of the available memory."""
+  available = available_memory_bytes()
+  if available is not None and num_bytes > fraction * available:
+    raise errors.ResourceLimitError(f'{what} needs about {format_bytes(num_bytes)} of host memory for its '
+                                    f'results, more than {fraction:.0%} of the {format_bytes(available)} '
+                                    f'available: {fix}')
+
+
+def format_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if n < 1024 or unit == 'TiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n:.1f} TiB'
