@@ -3,6 +3,12 @@
 The data position is the step itself (the batch of step k is a function of (seed, k); see
 input_pipeline.batch_indices), and the step rng is fold_in(state.rng, step), so the saved state is all a
 resume needs.
+
+Every checkpoint also carries a checksum of each array of the state (item 'checksums'), computed on the devices
+when it is saved and checked against the arrays read back by every restore: TensorStore stores the chunk bytes
+of Orbax's arrays without a checksum, so flipped bytes on disk would otherwise load as wrong numbers. A
+mismatch is handled like an unreadable checkpoint: training moves it aside and resumes from an older step, the
+read-only tools fall back to an older step with a warning, and an explicitly requested one is refused.
 """
 
 from __future__ import annotations
@@ -10,19 +16,41 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cm_jax import errors
 from cm_jax import multihost
 from cm_jax import paths
+from cm_jax import sharding
 from cm_jax.configs import default as default_config
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+# The JSON item {leaf path: 'dtype:checksum'} written with each state; checkpoints without it predate it.
+CHECKSUMS_ITEM = 'checksums'
+ITEM_NAMES = ('state', 'config', 'data', CHECKSUMS_ITEM)
+
+T = TypeVar('T')
+
+
+class CorruptCheckpointError(errors.InputFileError):
+  """Arrays of a checkpoint read back with other checksums than they were saved with (damaged on disk)."""
+
+  def __init__(self, directory: str, step: int, bad: list[str], total: int):
+    self.step, self.bad = step, bad
+    self.reason = (f'{len(bad)} of its {total} arrays read back differ from their saved checksums: '
+                   f'{", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}')
+    super().__init__(f'The checkpoint of step {step} in {directory} is corrupt ({self.reason}); it was not loaded.')
+
+
+class UnreadableCheckpointError(errors.InputFileError):
+  """A checkpoint that was asked for (or the only ones there) cannot be read, or fails its checksums."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,31 +80,152 @@ def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_every or None, create=True,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'config', 'data'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEM_NAMES)
 
 
 def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
-  """Starts an async save of `state` at its step (call manager.wait_until_finished() before exit)."""
+  """Starts an async save of `state` at its step (call manager.wait_until_finished() before exit).
+
+  The checksums of its arrays go into the same save, so a checkpoint never exists without them.
+  """
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              config=ocp.args.JsonSave(config.to_dict()),
-                                             data=ocp.args.JsonSave(data)), force=True)
+                                             data=ocp.args.JsonSave(data),
+                                             checksums=ocp.args.JsonSave(checksums(state))), force=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums of the saved arrays.
+# --------------------------------------------------------------------------------------------------
+def _fmix32(h: jax.Array) -> jax.Array:
+  """The murmur3 finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of x as uint32 words in x's own shape (no reshape, so a sharded array stays where it is): narrower
+  dtypes are widened, and 64-bit or complex ones get a trailing axis of their words."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.stack([x.real, x.imag], axis=-1)
+  bits = x.dtype.itemsize * 8
+  if bits < 32:
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}')).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 array of `shape` holding each element's position in row-major order (mod 2^32)."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return index
+
+
+@jax.jit
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 (2,): two wrapping sums over the words w_i of x, sum fmix(w_i) * (2i + 1) and
+  sum fmix(w_i ^ c) * (fmix(i) | 1), i the row-major position.
+
+  Each term is a bijection of w_i (an odd multiplier is invertible mod 2^32), so changing any one word (any
+  set of bit flips within it) always changes both sums; the position-dependent multipliers make a swap of two
+  elements change them too (but for chance 2^-32 per sum). Integer sums do not depend on the order of the
+  reduction, so a sharded array gives the same value as a gathered one, bit for bit. One small program per leaf
+  shape, dtype and sharding (jit's cache; about 30 for a UNet state): cheaper to compile than one program over
+  the whole state, and it never copies or reshards an array.
+  """
+  w = _words(x)
+  i = _row_major_index(w.shape)
+  first = jnp.sum(_fmix32(w) * (2 * i + 1), dtype=jnp.uint32)
+  second = jnp.sum(_fmix32(w ^ jnp.uint32(0x5BD1E995)) * (_fmix32(i) | 1), dtype=jnp.uint32)
+  return jnp.stack([first, second])
+
+
+def leaf_name(path: tuple) -> str:
+  """'params/Conv_0/kernel', 'ema_params/0/...': the same name for a leaf of the state and of a partial restore."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def checksums(tree: Any) -> dict[str, str]:
+  """{leaf name: 'dtype:16 hex digits'} of every array in `tree`, computed on its devices (no gather to host).
+
+  In a multi-process run every process must call it (the sums of a sharded array are collectives).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = [_leaf_checksum(leaf) for _, leaf in flat]  # Dispatched asynchronously, then read at once.
+  # A full reduction is replicated on the devices of its array: every process reads its own copy.
+  sums = jax.device_get([x.addressable_data(0) if x.sharding.is_fully_replicated else sharding.to_host(x)
+                         for x in sums])
+  return {leaf_name(path): f'{leaf.dtype}:{int(a):08x}{int(b):08x}' for (path, leaf), (a, b) in zip(flat, sums)}
+
+
+_UNVERIFIED_LOGGED: set[str] = set()
+
+
+def saved_checksums(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The checksums saved with checkpoint `step`, or None for a checkpoint written before cm_jax saved them."""
+  if not (epath.Path(manager.directory) / str(step) / CHECKSUMS_ITEM).exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+
+
+def verify(manager: ocp.CheckpointManager, step: int, restored: Any) -> None:
+  """Raises CorruptCheckpointError unless every array of `restored` (all or part of checkpoint `step`'s state)
+  has the checksum it was saved with. A checkpoint without checksums passes, logged once per directory."""
+  saved = saved_checksums(manager, step)
+  if saved is None:
+    where = os.fspath(manager.directory)
+    if where not in _UNVERIFIED_LOGGED:
+      _UNVERIFIED_LOGGED.add(where)
+      logging.info('The checkpoints in %s (step %d) carry no checksums (written before cm_jax saved them): '
+                   'restored without verifying their arrays.', where, step)
+    return
+  now = checksums(restored)
+  bad = sorted(name for name, value in now.items() if saved.get(name) != value)
+  if bad:
+    raise CorruptCheckpointError(os.fspath(manager.directory), step, bad, len(now))
+
+
+def describe_error(e: BaseException) -> str:
+  """Why a checkpoint did not load, in one short line for a warning or an error message.
+
+  For a read error that is the root cause's first line: Orbax wraps TensorStore's one-line reason ('OUT_OF_RANGE:
+  Error reading "params.Conv_0.kernel/0.0.0.0" ...') in a message that ends in a many-line spec dump.
+  """
+  if isinstance(e, CorruptCheckpointError):
+    return e.reason
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  first = lines[0] if lines else ''
+  return f'{type(e).__name__}: {first[:300]}{"..." if len(first) > 300 else ""}'
 
 
 def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, config: ml_collections.ConfigDict,
                        data: dict, workdir: str) -> Any:
   """The state of the newest readable checkpoint, after checking that `config` and `data` can resume it.
 
-  An unreadable checkpoint (a truncated file, a failed disk) is skipped with a warning in favour of the
-  next older one, and moved to WORKDIR/unreadable_checkpoints/ (kept for inspection) so that the resumed run
-  can save that step again. A config or data mismatch is the user's to fix and raises ValueError at once.
+  An unreadable checkpoint (a truncated file, a failed disk) or one whose arrays fail their checksums (bytes
+  flipped on disk) is skipped with a warning in favour of the next older one, never loaded, and moved to
+  WORKDIR/unreadable_checkpoints/ (kept for inspection) so that the resumed run can save that step again. A
+  config or data mismatch is the user's to fix and raises ValueError at once.
   """
   problems, unreadable = [], []
 
   def skip(step: int, e: Exception) -> None:
-    problems.append(f'step {step}: {type(e).__name__}: {e}')
+    problems.append(f'step {step}: {describe_error(e)}')
     unreadable.append(step)
-    logging.warning('Checkpoint at step %d is unreadable (%s); trying an older one.', step, problems[-1])
+    logging.warning('Checkpoint at step %d is unreadable or corrupt (%s); trying an older one.', step,
+                    problems[-1])
 
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -89,7 +238,9 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     check_same_data(meta.data, data, workdir)
     try:
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+      verify(manager, step, state)
     except Exception as e:  # pylint: disable=broad-except
+      state = None  # Never returned; and freed before an older one is read (no two states in memory).
       skip(step, e)
       continue
     if unreadable and jax.process_index() == 0:
@@ -147,11 +298,52 @@ def check_same_data(saved: dict, data: dict, workdir: str) -> None:
 
 
 def restore_parameters(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> dict:
-  """Only `params` and `ema_params` of a checkpoint (a partial restore: no optimizer state is read)."""
+  """Only `params` and `ema_params` of a checkpoint (a partial restore: no optimizer state is read), verified
+  against their checksums (CorruptCheckpointError on a mismatch)."""
   item = {'params': abstract_state.params, 'ema_params': abstract_state.ema_params}
   args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                 partial_restore=True)
-  return manager.restore(step, args=ocp.args.Composite(state=args)).state
+  restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
+  verify(manager, step, restored)
+  return restored
+
+
+def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T],
+                      step: Optional[int] = None) -> tuple[int, T]:
+  """(step, restore(step)) for the read-only tools, which handle a damaged checkpoint like training does
+  but never move it: they may run beside the trainer, which owns the workdir.
+
+  step None: the newest step whose restore succeeds (it must verify the checksums), with a warning naming
+  each damaged newer step. An explicit step that fails raises UnreadableCheckpointError naming it, the cause
+  and the other steps there. `manager` must list at least one step (callers report an empty workdir).
+  """
+  steps = sorted(manager.all_steps())
+  where = os.fspath(manager.directory)
+  if step is not None:
+    try:
+      return step, restore(step)
+    except Exception as e:  # pylint: disable=broad-except
+      others = [s for s in steps if s != step]
+      raise UnreadableCheckpointError(
+          f'The checkpoint of step {step} in {where} is unreadable or corrupt ({describe_error(e)}); it was not '
+          f'loaded. Other steps there: {others}; ask for one of them, or for none to get the newest readable '
+          'one.') from e
+  damaged, problems = [], []
+  for candidate in reversed(steps):
+    try:
+      restored = restore(candidate)
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append(candidate)
+      problems.append(f'step {candidate}: {describe_error(e)}')
+      logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '
+                      'files are left as they are).', candidate, where, describe_error(e))
+      continue
+    if damaged:
+      logging.warning('Using step %d, the newest readable checkpoint in %s, instead of the damaged step(s) %s.',
+                      candidate, where, ', '.join(map(str, damaged)))
+    return candidate, restored
+  raise UnreadableCheckpointError(f'No readable checkpoint in {where}: {"; ".join(problems)}. Train again, or '
+                                  'restore the checkpoints from a backup.')
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:

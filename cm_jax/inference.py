@@ -311,28 +311,28 @@ def grid_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndar
 
 
 def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] = None) -> LoadedModel:
-  """Restores a checkpoint of `workdir` read-only (default: the latest step).
+  """Restores a checkpoint of `workdir` read-only (default: the latest step that reads and verifies).
 
   ema: None for the first sampling EMA of config.training.ema_rates, a rate from that tuple, or 'online'
   for the raw training parameters.
+
+  A damaged newest checkpoint (unreadable files, or arrays that fail their checksums) is skipped with a warning
+  naming it, in favour of the newest one that loads; nothing in the workdir is moved or changed. An explicit
+  `step` that is damaged raises checkpointing.UnreadableCheckpointError naming it and the other steps there.
   """
   manager = checkpointing.make_manager(workdir, read_only=True)
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with '
-                            f'`python -m cm_jax.train --config=... --workdir={workdir}`.')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {checkpointing.checkpoint_dir(workdir)}; '
-                            f'available steps: {sorted(steps)}.')
-  config = checkpointing.restore_config(manager, step)
-  tx = ts.make_optimizer(config)
-  replicated = sharding.replicated(sharding.make_mesh())  # The mesh make_sample_fn shards batches over.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(functools.partial(ts.init_state, config, tx)))
-  state = checkpointing.restore_parameters(manager, abstract, step)
-  manager.close()
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with '
+                              f'`python -m cm_jax.train --config=... --workdir={workdir}`.')
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'No checkpoint for step {step} in {checkpointing.checkpoint_dir(workdir)}; '
+                              f'available steps: {sorted(steps)}.')
+    step, (config, state) = checkpointing.restore_read_only(
+        manager, functools.partial(_restore_parameters, manager), step)
+  finally:
+    manager.close()
 
   rates = tuple(config.training.ema_rates)
   if ema == 'online':
@@ -344,3 +344,13 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
                        "pick one of them or 'online'.")
     params, which = state['ema_params'][rates.index(rate)], f'ema_{rate}'
   return LoadedModel(config=config, params=params, step=int(step), which_params=which, workdir=workdir)
+
+
+def _restore_parameters(manager, step: int) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, {'params', 'ema_params'}) of checkpoint `step`, replicated over every device, checksums verified."""
+  config = checkpointing.restore_config(manager, step)
+  tx = ts.make_optimizer(config)
+  replicated = sharding.replicated(sharding.make_mesh())  # The mesh make_sample_fn shards batches over.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(functools.partial(ts.init_state, config, tx)))
+  return config, checkpointing.restore_parameters(manager, abstract, step)

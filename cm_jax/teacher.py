@@ -49,8 +49,9 @@ def pin(config: ml_collections.ConfigDict,
 def load_teacher(config: ml_collections.ConfigDict) -> inference.LoadedModel:
   """Restores config.teacher.workdir (step teacher.step, EMA teacher.ema) and checks it fits `config`.
 
-  Raises FileNotFoundError (no checkpoint there) or ValueError (not an EDM run, or a mismatch), each naming
-  the path and the fields.
+  Raises FileNotFoundError (no checkpoint there), checkpointing.UnreadableCheckpointError (teacher.step is
+  damaged: unreadable, or its parameters fail their checksums; with teacher.step None the newest intact step
+  is used, with a warning) or ValueError (not an EDM run, or a mismatch), each naming the path and the fields.
   """
   tc = config.teacher
   if tc.workdir is None:
@@ -61,6 +62,9 @@ def load_teacher(config: ml_collections.ConfigDict) -> inference.LoadedModel:
     teacher = inference.load(tc.workdir, step=tc.step, ema=tc.ema)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'config.teacher.workdir = {tc.workdir!r}: {e}') from e
+  except checkpointing.UnreadableCheckpointError as e:  # Keeps its type: a damaged file, not a bad value.
+    raise checkpointing.UnreadableCheckpointError(
+        f'config.teacher (workdir {tc.workdir!r}, step {tc.step}): {e}') from e
   except ValueError as e:
     raise ValueError(f'config.teacher (workdir {tc.workdir!r}, step {tc.step}, ema {tc.ema}): {e}') from e
   check_teacher(teacher.config, config, tc.workdir)

@@ -1,0 +1,307 @@
+"""The bad-input corpus: each case runs a real CLI (or the notebook API) on one bad input and checks that it
+ends with one line on stderr naming the field, flag or file, with the documented exit code (2: usage, 1:
+failure), no traceback, and the workdir unchanged.
+
+The CLI cases run as subprocesses, two at a time (a module fixture), against one tiny trained workdir.
+"""
+
+import concurrent.futures
+import dataclasses
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import json
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from cm_jax import errors
+from cm_jax import inference
+from cm_jax import train
+from cm_jax.configs import test as test_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = '/usr/share/datasets/fashion-mnist'
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  module: str               # cm_jax.train / sample / edit / evaluate.
+  args: list                # '{run}', '{tmp}', '{new}' are filled in.
+  code: int                 # Expected exit code.
+  names: tuple              # Substrings the error line must contain (the field, flag or file).
+  # The error line must come from cm_jax's checks: no Python exception type names in it.
+
+
+def _cases():
+  t = ['--config=configs/test.py', '--workdir={new}']
+  run = '--workdir={run}'
+  return [
+      # ----- training: config files and values (usage errors, exit 2)
+      Case('config_missing_file', 'train', ['--config={tmp}/nope.py', '--workdir={new}'], 2, ('--config', 'nope.py')),
+      Case('config_returns_dict', 'train', ['--config={tmp}/dict_config.py', '--workdir={new}'], 2,
+           ('dict_config.py', 'ConfigDict')),
+      Case('config_syntax_error', 'train', ['--config={tmp}/syntax_config.py', '--workdir={new}'], 2,
+           ('syntax_config.py', 'line 1')),
+      Case('config_raises', 'train', ['--config={tmp}/raising_config.py', '--workdir={new}'], 2,
+           ('raising_config.py', 'boom')),
+      Case('config_without_get_config', 'train', ['--config={tmp}/no_get_config.py', '--workdir={new}'], 2,
+           ('no_get_config.py', 'get_config')),
+      Case('config_lacks_fields', 'train', ['--config={tmp}/partial_config.py', '--workdir={new}'], 2,
+           ('partial_config.py', 'lacks')),
+      Case('override_unknown_key', 'train', t + ['--config.optim.learning_rate=1e-3'], 2,
+           ('optim.learning_rate', 'lr')),
+      Case('override_misspelt_key', 'train', t + ['--config.optim.lrr=1e-3'], 2, ('optim.lrr', 'optim.lr')),
+      Case('override_unknown_section', 'train', t + ['--config.fooo.bar=1'], 2, ('fooo.bar',)),
+      Case('override_wrong_type', 'train', t + ['--config.optim.lr=fast'], 2, ('optim.lr', 'fast')),
+      Case('override_bad_choice', 'train', t + ['--config.loss.name=bogus'], 2, ('loss.name', 'bogus')),
+      Case('override_zero_batch', 'train', t + ['--config.training.batch_size=0'], 2, ('training.batch_size',)),
+      Case('override_bad_tuple', 'train', t + ['--config.model.ch_mult=(1,x)'], 2, ('model.ch_mult',)),
+      Case('override_bad_ema_rate', 'train', t + ['--config.training.ema_rates=(1.5,)'], 2,
+           ('training.ema_rates',)),
+      Case('override_unknown_dataset', 'train', t + ['--config.data.name=svhn'], 2, ('data.name', 'svhn')),
+      Case('config_argument_unknown_loss', 'train', ['--config=configs/test.py:bogus', '--workdir={new}'], 2,
+           ('loss.name', 'bogus')),
+      # ----- training: flags
+      Case('train_missing_workdir', 'train', ['--config=configs/test.py'], 2, ('--workdir',)),
+      Case('train_unknown_flag', 'train', t + ['--num_stepz=3'], 2, ('num_stepz',)),
+      Case('train_positional_argument', 'train', t + ['extra'], 2, ('extra',)),
+      Case('train_workdir_is_a_file', 'train', ['--config=configs/test.py', '--workdir={tmp}/a_file/run'], 1,
+           ('--workdir', 'a_file')),
+      # ----- training: data
+      Case('too_few_images_for_the_batch', 'train',
+           t + ['--config.data.name=image_folder', '--config.data.manual_dir={tmp}/three_images',
+                '--config.data.image_size=16'], 2, ('training.batch_size', 'three_images')),
+      Case('data_dir_missing', 'train', t + ['--config.data.source=local', '--config.data.manual_dir={tmp}/nodata'],
+           1, ('nodata',)),
+      Case('data_file_truncated', 'train',
+           t + ['--config.data.source=local', '--config.data.manual_dir={tmp}/truncated_idx'], 1,
+           ('truncated_idx',)),
+      Case('image_folder_corrupt_image', 'train',
+           t + ['--config.data.name=image_folder', '--config.data.manual_dir={tmp}/corrupt_images',
+                '--config.data.image_size=16', '--config.training.batch_size=2'], 1, ('broken.png',)),
+      # ----- training: the run in the workdir
+      Case('resume_with_other_model', 'train', ['--config=configs/test.py', run, '--config.model.ch=16',
+                                                '--config.training.num_steps=6'], 1, ('model.ch',)),
+      Case('workdir_busy', 'train', ['--config=configs/test.py', '--workdir={tmp}/busy',
+                                     '--config.training.num_steps=6'], 1, ('in use', 'pid')),
+      # ----- sampling
+      Case('sample_ts_not_a_number', 'sample', [run, '--steps=2', '--ts=abc', '--out={tmp}/o.npz'], 2, ('--ts',)),
+      Case('sample_num_zero', 'sample', [run, '--num=0', '--out={tmp}/o.npz'], 2, ('--num',)),
+      Case('sample_batch_size_zero', 'sample', [run, '--batch_size=0', '--out={tmp}/o.npz'], 2, ('--batch_size',)),
+      Case('sample_out_not_npz', 'sample', [run, '--num=4', '--out={tmp}/o.png'], 2, ('--out',)),
+      Case('sample_out_unwritable', 'sample', [run, '--num=4', '--out={tmp}/a_file/o.npz'], 1, ('--out', 'a_file')),
+      Case('sample_no_checkpoint', 'sample', ['--workdir={tmp}/empty_run', '--num=4', '--out={tmp}/o.npz'], 1,
+           ('empty_run', 'No checkpoint')),
+      Case('sample_missing_step', 'sample', [run, '--checkpoint_step=3', '--num=4', '--out={tmp}/o.npz'], 1,
+           ('step 3', '[2, 4]')),
+      Case('sample_unknown_ema', 'sample', [run, '--ema=0.5', '--num=4', '--out={tmp}/o.npz'], 2, ('ema', '0.5')),
+      Case('sample_zero_steps', 'sample', [run, '--steps=0', '--num=4', '--out={tmp}/o.npz'], 2, ('steps',)),
+      Case('sample_heun_on_consistency_model', 'sample', [run, '--sampler=heun', '--num=4', '--out={tmp}/o.npz'],
+           2, ('heun',)),
+      Case('sample_unknown_sampler', 'sample', [run, '--sampler=bogus', '--out={tmp}/o.npz'], 2, ('--sampler',)),
+      Case('sample_label_for_unconditional_model', 'sample', [run, '--class_label=3', '--num=4',
+                                                             '--out={tmp}/o.npz'], 2, ('--class_label',)),
+      Case('sample_too_many', 'sample', [run, '--num=1000000000000', '--out={tmp}/o.npz'], 2, ('--num',)),
+      Case('sample_times_out_of_range', 'sample', [run, '--steps=2', '--ts=500', '--num=4', '--out={tmp}/o.npz'],
+           2, ('500',)),
+      # ----- editing: images, masks and npz files
+      Case('edit_input_not_an_image', 'edit', [run, '--task=inpaint', '--input={tmp}/not_an_image.png',
+                                               '--out={tmp}/edit'], 1, ('--input', 'not_an_image.png')),
+      Case('edit_input_missing', 'edit', [run, '--task=inpaint', '--input={tmp}/missing.npz', '--out={tmp}/edit'], 1,
+           ('--input', 'missing.npz')),
+      Case('edit_input_empty_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/empty.npz', '--out={tmp}/edit'], 1,
+           ('empty.npz', 'no images')),
+      Case('edit_input_pickled_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/objects.npz',
+                                              '--out={tmp}/edit'], 1, ('objects.npz', 'pickle')),
+      Case('edit_input_garbage_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/garbage.npz',
+                                              '--out={tmp}/edit'], 1, ('garbage.npz',)),
+      Case('edit_input_float_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/floats.npz', '--out={tmp}/edit'],
+           1, ('floats.npz', 'uint8')),
+      Case('edit_input_wrong_size', 'edit', [run, '--task=inpaint', '--input={tmp}/small.npz', '--out={tmp}/edit'],
+           2, ('16x16', '28x28')),
+      Case('edit_mask_missing', 'edit', [run, '--task=inpaint', '--input={tmp}/images.npz',
+                                         '--mask={tmp}/missing_mask.png', '--out={tmp}/edit'], 1,
+           ('--mask', 'missing_mask.png')),
+      Case('edit_mask_unknown', 'edit', [run, '--task=inpaint', '--input={tmp}/images.npz', '--mask=circle',
+                                         '--out={tmp}/edit'], 2, ('--mask', 'circle')),
+      Case('edit_needs_input', 'edit', [run, '--task=inpaint', '--out={tmp}/edit'], 2, ('--input',)),
+      Case('edit_superres_factor', 'edit', [run, '--task=superres', '--factor=3', '--input={tmp}/images.npz',
+                                            '--out={tmp}/edit'], 2, ('3',)),
+      Case('edit_times_not_descending', 'edit', [run, '--task=inpaint', '--ts=0.1,0.5', '--input={tmp}/images.npz',
+                                                 '--out={tmp}/edit'], 2, ('0.1', '0.5')),
+      Case('edit_denoise_sigma', 'edit', [run, '--task=denoise', '--sigma=1000', '--input={tmp}/images.npz',
+                                          '--out={tmp}/edit'], 2, ('--sigma',)),
+      Case('edit_interpolate_too_many', 'edit', [run, '--task=interpolate', '--num=100000000', '--out={tmp}/edit'],
+           2, ('--num', '--alphas')),
+      Case('edit_out_unwritable', 'edit', [run, '--task=interpolate', '--out={tmp}/a_file/edit'], 1,
+           ('--out', 'a_file')),
+      # ----- evaluation
+      Case('evaluate_steps_not_integers', 'evaluate', [run, '--steps=a'], 2, ('--steps',)),
+      Case('evaluate_output_unwritable', 'evaluate', [run, '--num=8', '--output={tmp}/a_file/x.json'], 1,
+           ('--output', 'a_file')),
+      Case('evaluate_num_zero', 'evaluate', [run, '--num=0'], 2, ('--num',)),
+  ]
+
+
+CASES = _cases()
+
+
+def _write_inputs(tmp: str) -> None:
+  """The bad (and the good) input files the cases refer to."""
+  def write(name, text):
+    with open(os.path.join(tmp, name), 'w') as f:
+      f.write(text)
+  write('dict_config.py', 'def get_config():\n  return {"data": {"name": "mnist"}}\n')
+  write('syntax_config.py', 'def get_config(:\n')
+  write('raising_config.py', 'def get_config():\n  raise RuntimeError("boom")\n')
+  write('no_get_config.py', 'X = 1\n')
+  write('partial_config.py', 'import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict('
+        '{"seed": 0})\n')
+  write('a_file', 'not a directory\n')
+  write('not_an_image.png', 'this is text, not a PNG\n')
+  with open(os.path.join(tmp, 'garbage.npz'), 'wb') as f:
+    f.write(b'PK\x03\x04 not really a zip file')
+  rng = np.random.default_rng(0)
+  np.savez(os.path.join(tmp, 'empty.npz'), np.zeros((0, 28, 28), np.uint8))
+  np.savez(os.path.join(tmp, 'objects.npz'), np.array([{'a': 1}], dtype=object))
+  np.savez(os.path.join(tmp, 'floats.npz'), rng.random((2, 28, 28)).astype(np.float32))
+  np.savez(os.path.join(tmp, 'small.npz'), rng.integers(0, 255, (2, 16, 16), dtype=np.uint8))
+  np.savez(os.path.join(tmp, 'images.npz'), rng.integers(0, 255, (2, 28, 28), dtype=np.uint8))
+  for name, count, broken in (('three_images', 3, False), ('corrupt_images', 4, True)):
+    folder = os.path.join(tmp, name, 'class_a')
+    os.makedirs(folder)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(os.path.join(folder, f'{i}.png'))
+    if broken:
+      with open(os.path.join(folder, 'broken.png'), 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n truncated')
+  idx = os.path.join(tmp, 'truncated_idx')
+  os.makedirs(idx)
+  for name in os.listdir(FASHION):
+    shutil.copy(os.path.join(FASHION, name), idx)
+  with gzip.open(os.path.join(FASHION, 'train-images-idx3-ubyte.gz')) as f:
+    head = f.read(16 + 28 * 28 * 100)  # The header promises 60,000 images; 100 are there.
+  with gzip.open(os.path.join(idx, 'train-images-idx3-ubyte.gz'), 'wb') as f:
+    f.write(head)
+  os.makedirs(os.path.join(tmp, 'empty_run'))
+  # A live holder of the busy workdir's lock: this test process, on this host, with a fresh heartbeat.
+  busy = os.path.join(tmp, 'busy')
+  os.makedirs(busy)
+  with open(os.path.join(busy, 'LOCK.json'), 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'token': 'test', 'started': time.time(),
+               'heartbeat': time.time() + 3600, 'command': 'another trainer'}, f)
+
+
+def _snapshot(root: str) -> dict:
+  """Every file under root with its size and modification time."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def _env():
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
+  env.pop('XLA_FLAGS', None)  # One device, as a user's CLI run has.
+  return env
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """Runs every CLI case (two at a time); returns {name: (case, CompletedProcess, tmp, workdir unchanged)}."""
+  tmp = str(tmp_path_factory.mktemp('bad_inputs'))
+  _write_inputs(tmp)
+  run_dir = os.path.join(tmp, 'run')
+  trained = subprocess.run([sys.executable, '-m', 'cm_jax.train', '--config=configs/test.py', f'--workdir={run_dir}',
+                            '--config.training.eval_every=100'], capture_output=True, text=True, cwd=REPO_ROOT,
+                           env=_env(), timeout=900)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  before = _snapshot(run_dir)
+  busy_before = _snapshot(os.path.join(tmp, 'busy'))
+
+  def one(case):
+    new = os.path.join(tmp, f'new_{case.name}')
+    args = [a.format(run=run_dir, tmp=tmp, new=new) for a in case.args]
+    result = subprocess.run([sys.executable, '-m', f'cm_jax.{case.module}', *args], capture_output=True, text=True,
+                            cwd=REPO_ROOT, env=_env(), timeout=600)
+    return case, result, new
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(one, CASES))
+  return {'results': {c.name: (c, r, new) for c, r, new in results}, 'tmp': tmp,
+          'run_unchanged': _snapshot(run_dir) == before,
+          'busy_unchanged': _snapshot(os.path.join(tmp, 'busy')) == busy_before}
+
+
+def test_corpus_is_large_enough():
+  assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+  assert {c.module for c in CASES} == {'train', 'sample', 'edit', 'evaluate'}
+
+
+@pytest.mark.parametrize('name', [c.name for c in CASES])
+def test_bad_input_ends_with_one_line(corpus, name):
+  case, result, new = corpus['results'][name]
+  stderr = result.stderr
+  assert result.returncode == case.code, f'exit {result.returncode}, expected {case.code}:\n{stderr[-3000:]}'
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  errors_lines = [line for line in lines if line.startswith(f'cm_jax.{case.module}: error: ')]
+  assert len(errors_lines) == 1 and lines[-1] == errors_lines[0], stderr[-3000:]
+  for part in case.names:
+    assert part in errors_lines[0], (part, errors_lines[0])
+  # Nothing left behind: a new workdir is not created, the trained one is untouched (checked once below).
+  assert not os.path.exists(new), os.listdir(new)
+  assert not result.stdout.strip() or case.module == 'evaluate', result.stdout
+
+
+def test_trained_and_busy_workdirs_unchanged(corpus):
+  assert corpus['run_unchanged'] and corpus['busy_unchanged']
+  assert not os.path.exists(os.path.join(corpus['tmp'], 'edit'))
+  assert not os.path.exists(os.path.join(corpus['tmp'], 'o.npz'))
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'cm_jax.sample', f'--workdir={tmp_path}', '--num=4',
+                           f'--out={tmp_path}/o.npz', '--verbose'], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=_env(), timeout=600)
+  assert result.returncode != 0 and 'Traceback' in result.stderr and 'No checkpoint' in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The notebook API: the same checks raise exceptions (ValueError / FileNotFoundError subclasses) naming the
+# field or file, and nothing is written.
+# --------------------------------------------------------------------------------------------------
+def test_api_train_refuses_a_bad_config_before_writing(tmp_path):
+  config = test_config.get_config()
+  config.training.batch_size = 0
+  with pytest.raises(errors.ConfigError, match='training.batch_size'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_api_load_without_checkpoint_names_the_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    inference.load(str(tmp_path))
+
+
+def test_api_sampling_arguments(corpus):
+  model = inference.load(os.path.join(corpus['tmp'], 'run'))
+  with pytest.raises(ValueError, match='steps'):
+    model.sample(4, steps=0)
+  with pytest.raises(ValueError, match='unconditional'):
+    model.sample(4, labels=3)
+  with pytest.raises(ValueError, match='num'):
+    model.sample(0)
+  with pytest.raises(ValueError, match='intermediate times'):
+    model.sample(4, steps=2, ts=[1.0, 0.5])
