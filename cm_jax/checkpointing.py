@@ -237,6 +237,7 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     check_compatible(config_from_json_dict(meta.config), config, workdir)
     check_same_data(meta.data, data, workdir)
     try:
+      check_no_links(manager, step)
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
       verify(manager, step, state)
     except Exception as e:  # pylint: disable=broad-except
@@ -297,9 +298,26 @@ def check_same_data(saved: dict, data: dict, workdir: str) -> None:
         'config.data.source / data.manual_dir to what the run used, or start a new --workdir.')
 
 
+def check_no_links(manager: ocp.CheckpointManager, step: int) -> None:
+  """Refuses a local checkpoint directory that holds a symbolic link: Orbax never writes one, and following it
+  would read (or, on cleanup, delete) files outside the checkpoint. URIs (gs://) have no links."""
+  root = os.fspath(epath.Path(manager.directory) / str(step))
+  if paths.is_remote(root):
+    return
+  for folder, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(folder, name)
+      if os.path.islink(path):
+        raise UnreadableCheckpointError(
+            f'The checkpoint of step {step} in {os.fspath(manager.directory)} holds a symbolic link '
+            f'{os.path.relpath(path, root)} -> {os.readlink(path)}; cm_jax does not follow links out of a '
+            'checkpoint. It was not loaded.')
+
+
 def restore_parameters(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> dict:
   """Only `params` and `ema_params` of a checkpoint (a partial restore: no optimizer state is read), verified
   against their checksums (CorruptCheckpointError on a mismatch)."""
+  check_no_links(manager, step)
   item = {'params': abstract_state.params, 'ema_params': abstract_state.ema_params}
   args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                 partial_restore=True)

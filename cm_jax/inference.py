@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
+from absl import logging
 import jax
 from jax.sharding import Mesh
 import ml_collections
@@ -349,6 +350,12 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
 def _restore_parameters(manager, step: int) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, {'params', 'ema_params'}) of checkpoint `step`, replicated over every device, checksums verified."""
   config = checkpointing.restore_config(manager, step)
+  # A path read from a checkpoint never decides where files are written: the evaluation cache is the user's
+  # (--cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax), not the one recorded by whoever trained the run.
+  if config.evaluation.cache_dir:
+    logging.info('Not using evaluation.cache_dir = %r recorded in the checkpoint (pass --cache_dir to use it).',
+                 config.evaluation.cache_dir)
+    config.evaluation.cache_dir = None
   tx = ts.make_optimizer(config)
   replicated = sharding.replicated(sharding.make_mesh())  # The mesh make_sample_fn shards batches over.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -73,3 +73,53 @@ def test_object_arrays_in_files_are_refused_not_loaded(tmp_path, no_unpickling):
   np.savez(stats, mu=np.array([object()], dtype=object), sigma=np.zeros((1, 1)), num=np.int64(1))
   with pytest.raises(ValueError):
     metrics.FeatureStats.load(stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths recorded in a checkpoint: never followed out of it, never used to choose where to write.
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """A tiny trained workdir with checkpoints at steps 2 and 4."""
+  from cm_jax import train
+  from cm_jax.configs import test as test_config
+  config = test_config.get_config()
+  config.training.eval_every = 100
+  workdir = str(tmp_path_factory.mktemp('untrusted') / 'run')
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_a_checkpoint_holding_a_symbolic_link_is_not_loaded(tiny_run, tmp_path, no_unpickling):
+  import shutil
+  from cm_jax import inference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run, workdir)
+  outside = tmp_path / 'outside.bin'
+  outside.write_bytes(b'secret')
+  os.symlink(outside, os.path.join(workdir, 'checkpoints', '4', 'state', 'link'))
+  model = inference.load(workdir)  # Falls back to step 2, leaving step 4 as it is.
+  assert model.step == 2
+  assert os.path.islink(os.path.join(workdir, 'checkpoints', '4', 'state', 'link'))
+  from cm_jax import checkpointing
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match='symbolic link'):
+    inference.load(workdir, step=4)
+
+
+def test_the_evaluation_cache_recorded_in_a_checkpoint_is_not_used(tiny_run, tmp_path):
+  import json
+  import shutil
+  from cm_jax import classifier
+  from cm_jax import inference
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run, workdir)
+  for step in ('2', '4'):
+    path = os.path.join(workdir, 'checkpoints', step, 'config', 'metadata')
+    with open(path) as f:
+      saved = json.load(f)
+    saved['evaluation']['cache_dir'] = str(tmp_path / 'elsewhere')
+    with open(path, 'w') as f:
+      json.dump(saved, f)
+  model = inference.load(workdir)
+  assert model.config.evaluation.cache_dir is None
+  assert not classifier.cache_dir(model.config).startswith(str(tmp_path / 'elsewhere'))
