@@ -13,8 +13,11 @@ read-only tools fall back to an older step with a warning, and an explicitly req
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import os
+import re
 import time
 from typing import Any, Callable, Optional, TypeVar
 
@@ -84,15 +87,71 @@ def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
 
 
 def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, data: dict) -> None:
-  """Starts an async save of `state` at its step (call manager.wait_until_finished() before exit).
+  """Starts an async save of `state` at its step (call `wait(manager)` before exit).
 
-  The checksums of its arrays go into the same save, so a checkpoint never exists without them.
+  The checksums of its arrays go into the same save, so a checkpoint never exists without them. A save that
+  failed in the background (a full disk) raises here, at the next save, as errors.OutputPathError.
   """
   step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(config.to_dict()),
-                                             data=ocp.args.JsonSave(data),
-                                             checksums=ocp.args.JsonSave(checksums(state))), force=True)
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
+                            data=ocp.args.JsonSave(data), checksums=ocp.args.JsonSave(checksums(state)))
+  with _disk_errors_explained(manager):
+    manager.save(step, args=args, force=True)
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises errors.OutputPathError if a finished background save failed for lack of space or permission (cheap:
+  call it every step, so that a run stops soon after its disk fills up rather than at the next save)."""
+  with _disk_errors_explained(manager):
+    manager.check_for_errors()
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """manager.wait_until_finished(), with a failed write reported as errors.OutputPathError."""
+  with _disk_errors_explained(manager):
+    manager.wait_until_finished()
+
+
+# Errors of a write that the disk refused: Python's OSErrors, and TensorStore's, which carry the OS error code.
+_DISK_ERRNOS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+                errno.EFBIG: 'file too large for the file system or the process limit (ulimit -f)',
+                errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+                errno.EPERM: 'operation not permitted'}
+
+
+def disk_error_reason(e: BaseException) -> Optional[str]:
+  """Why the disk refused a write, if `e` (or an exception it wraps) says so; None for any other error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return _DISK_ERRNOS[e.errno]
+    match = re.search(r"os_error_code='?(\d+)", str(e))
+    if match and int(match.group(1)) in _DISK_ERRNOS:
+      return _DISK_ERRNOS[int(match.group(1))]
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _disk_errors_explained(manager: ocp.CheckpointManager):
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    reason = disk_error_reason(e)
+    if reason is None:
+      raise
+    where = os.fspath(manager.directory)
+    try:
+      manager.reload()
+      latest = manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      latest = None
+    resume = (f'it resumes from step {latest}, the newest complete checkpoint' if latest is not None else
+              'no checkpoint is complete, so it starts from step 0')
+    raise errors.OutputPathError(
+        f'Could not write a checkpoint in {where}: {reason}. The partial checkpoint is not used. Free space '
+        f'there (or fix its permissions), then run the same command again: {resume}.') from e
 
 
 # --------------------------------------------------------------------------------------------------

@@ -82,20 +82,29 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
   except KeyboardInterrupt:
     if verbose:
       raise
-    fail('interrupted (a second Ctrl-C stops at once, without saving; the last saved checkpoint is kept).', 130)
+    fail('interrupted (a second Ctrl-C stops at once, without saving; the last saved checkpoint is kept).', 130,
+         at_once=True)
   except Exception as e:  # pylint: disable=broad-except
     code = user_error_code(e)
     if code is None or verbose:
       raise
-    fail(describe(e), code)
+    fail(describe(e), code, at_once=True)
 
 
-def fail(message: str, code: int) -> None:
-  """Prints `PROGRAM: error: MESSAGE` as one line on stderr and exits with `code`."""
+def fail(message: str, code: int, at_once: bool = False) -> None:
+  """Prints `PROGRAM: error: MESSAGE` as one line on stderr and exits with `code`.
+
+  at_once: exit without the interpreter's shutdown (os._exit), whose clean-up of background threads that the
+  failure left behind (a checkpoint write refused by a full disk has a dozen) prints their errors after ours.
+  Callers use it only once their own clean-up (waiting for saves, closing files) has run.
+  """
   logging.flush()
+  sys.stdout.flush()
   sys.stderr.flush()
   sys.stderr.write(f'{program_name()}: error: {one_line(message)}\n')
   sys.stderr.flush()
+  if at_once:
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -247,6 +256,7 @@ def configure_logging(verbose: bool) -> None:
   _quiet = not verbose
   if verbose:
     return
+  sys.unraisablehook = _one_line_unraisable
   handler = logging.get_absl_handler()
   for f in list(handler.filters):
     if getattr(f, 'cm_jax_quiet', False):
@@ -254,16 +264,31 @@ def configure_logging(verbose: bool) -> None:
   handler.addFilter(_QuietLibraries())
 
 
+def _one_line_unraisable(unraisable) -> None:
+  """Errors Python cannot raise anywhere (in callbacks of native threads, e.g. 'Event loop is closed' after a
+  failed checkpoint write) as one warning line instead of a traceback each."""
+  text = f'{type(unraisable.exc_value).__name__}: {one_line(str(unraisable.exc_value))[:200]}'
+  if text not in _UNRAISABLE_SEEN:  # Once each: a failed write raises the same one in every pending callback.
+    _UNRAISABLE_SEEN.add(text)
+    logging.warning('Ignored an error in a background callback (further copies not shown): %s', text)
+
+
+_UNRAISABLE_SEEN: set = set()
+
+
 class _QuietLibraries:
   """logging.Filter: keeps warnings and errors, and INFO lines from cm_jax or clu's training log."""
   cm_jax_quiet = True
 
   def filter(self, record) -> bool:
-    if record.levelno >= 30:
-      return not any(noise in str(record.msg) for noise in _LIBRARY_NOISE)
     path = os.path.abspath(record.pathname)
     if path.startswith(PACKAGE_DIR + os.sep):
       return True
+    if record.levelno >= 30:
+      # A library's error keeps its one-line message; its traceback (often dozens per failure, from every
+      # background thread of a failed checkpoint write) only with --verbose.
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+      return not any(noise in str(record.msg) for noise in _LIBRARY_NOISE)
     if not any(part in path for part in _KEPT_LIBRARY_INFO):
       return False
     try:

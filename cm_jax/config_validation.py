@@ -67,6 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'keep_checkpoints'):
     _require(tc[field] >= 1, f'training.{field}', f'must be >= 1, got {tc[field]}.')
   _require(tc.keep_every >= 0, 'training.keep_every', 'must be >= 0 (0 keeps no extra checkpoints).')
+  _require(tc.max_param_abs is None or (isinstance(tc.max_param_abs, (int, float)) and tc.max_param_abs >= 0),
+           'training.max_param_abs', f'must be a number > 0 (the largest |weight| a healthy run reaches; default '
+           f'1e4) or 0 to turn the divergence guard off, got {tc.max_param_abs!r}.')
   _require(tc.fsdp_min_size >= 1, 'training.fsdp_min_size', f'must be >= 1, got {tc.fsdp_min_size}.')
   _require(all(0.0 <= r < 1.0 for r in tc.ema_rates), 'training.ema_rates',
            f'rates must lie in [0, 1), got {tc.ema_rates}.')

@@ -35,6 +35,7 @@ from cm_jax import sharding
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
 from cm_jax import workdir_lock
+from cm_jax.train_step import param_max_abs
 from cm_jax.train_step import train_step
 
 
@@ -134,6 +135,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
                                     abstract_state, state_sharding)
     try:
       state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
+      check_restored(state, tc.max_param_abs, checkpointing.checkpoint_dir(workdir), manager.all_steps())
     except BaseException:
       manager.close()
       raise
@@ -223,8 +225,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   pending, accumulated = [], []  # Device metrics not read yet; host metrics since the last log.
 
-  def read_pending() -> None:  # Stops the run on a non-finite loss or gradient.
-    accumulated.extend(check_finite(*p, manager.latest_step) for p in pending)
+  def read_pending() -> None:  # Stops the run on a non-finite loss or gradient, or on non-finite or exploded weights.
+    accumulated.extend(check_update(*p, manager.all_steps, tc.max_param_abs, checkpointing.checkpoint_dir(workdir))
+                       for p in pending)
     pending.clear()
 
   t0 = time.time()
@@ -232,6 +235,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
     for step in range(start_step, tc.num_steps):
       state, metrics = p_train_step(state, global_batch(step), teacher_params)
       read_pending()  # The previous step's, while this one runs.
+      checkpointing.check_saves(manager)  # A background save that failed (full disk) stops the run here.
       pending.append((step, metrics))
       done = step + 1
       report(done)
@@ -242,7 +246,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
         accumulated.clear()
       saved = done % tc.checkpoint_every == 0 or done == tc.num_steps or stop
       if saved:
-        read_pending()  # Never save a state whose step produced a non-finite loss.
+        read_pending()  # Never save a state whose update failed check_update (non-finite or exploded).
         checkpointing.save(manager, state, config, data_fingerprint)
       try:
         if not stop and (done % tc.eval_every == 0 or done == tc.num_steps):
@@ -252,19 +256,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
       except multihost.Preempted:
         stop = True
         if not saved:
-          read_pending()  # As above: never save a state whose step produced a non-finite loss.
+          read_pending()  # As above: never save a state whose update failed check_update.
           checkpointing.save(manager, state, config, data_fingerprint)
       if stop:
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
         logging.warning('Stopped by %s after step %d; saved its checkpoint in %s. Run the same command to '
                         'resume from it.', stop_signal.signal_name, done, checkpointing.checkpoint_dir(workdir))
         break
     if start_step < tc.num_steps:
       logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)),
                    time.time() - t0)
+  except BaseException:
+    # An error or interrupt: let pending async saves finish, so the last good checkpoint is kept. A save that
+    # fails meanwhile is logged; the error that stopped the run is the one reported.
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('A checkpoint save failed while the run stopped: %s', checkpointing.describe_error(e))
+    raise
+  else:
+    checkpointing.wait(manager)  # The last save: a failure here (a full disk) is this run's error.
   finally:
-    # Also on an error or interrupt: let pending async saves finish, so the last good checkpoint is kept.
-    manager.wait_until_finished()
     manager.close()
     stream.close()
     writer.flush()
@@ -289,19 +301,72 @@ def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
   return images.side_by_side(panels)
 
 
-def check_finite(step: int, metrics, last_checkpoint: Callable[[], Optional[int]]) -> dict:
+def check_update(step: int, metrics, checkpoints: Callable[[], list[int]], max_param_abs: Optional[float],
+                 where: str) -> dict:
   """Host copy of the metrics of the update from step `step` to `step + 1` (checkpoint numbering: the state
-  after k updates is step k); stops the run at once on a non-finite loss, naming the checkpoint to resume."""
+  after k updates is step k). Stops the run at once if that update's loss or gradient norm is not finite, or if
+  it left a weight (parameters, target or EMAs: metrics['param_max_abs']) non-finite or above max_param_abs
+  (training.max_param_abs; 0 or None: no bound).
+
+  The loop reads the metrics of an update before it saves the state that update produced, so a state that fails
+  here is never saved and every checkpoint listed (`checkpoints()`: steps, async saves included) is one to
+  resume from. Exploded weights must stop the run even while the loss still reads finite (after one Adam step
+  at lr = 1e6 they are ~1e6): saved, they would give a NaN loss on resume whatever the new learning rate.
+  `where` is the checkpoint directory, for the advice.
+  """
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
-    saved = last_checkpoint()
-    resume = (f'Restarting resumes from the last good checkpoint, step {saved}' if saved is not None else
-              'No checkpoint was saved yet, so restarting starts again from step 0')
-    raise FloatingPointError(
-        f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} in the update from step {step} to '
-        f'step {step + 1} (metrics: {host}). The run stops here. {resume}: try a lower --config.optim.lr or '
-        'gradient clipping (--config.optim.grad_clip=1.0), or start a new workdir with optim.warmup_steps > 0.')
-  return host
+  update = f'the update from step {step} to step {step + 1}'
+  w = host.get('param_max_abs', 0.0)
+  bad_loss = not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm']))
+  if bad_loss:
+    what = f'Non-finite loss {host["loss"]} or gradient norm {host["grad_norm"]} in {update}'
+  elif not np.isfinite(w):
+    what = f'Non-finite parameters (max |w| = {w}) after {update}'
+  elif max_param_abs and w > max_param_abs:
+    what = f'Parameters exploded: max |w| = {w:.3g} > training.max_param_abs = {max_param_abs:g} after {update}'
+  else:
+    return host
+  steps = sorted(checkpoints())
+  if bad_loss and steps and steps[-1] == step:
+    # The loss and gradient of this update are functions of the saved state alone (the learning rate acts only
+    # afterwards): resuming from it would fail the same way at once.
+    older = (f'resumes from step {steps[-2]}, the checkpoint before it' if len(steps) > 1 else
+             'starts again from step 0')
+    resume = (f'The last checkpoint, step {step}, holds the weights this update started from, so resuming from it '
+              f'repeats this whatever the learning rate: move {where}/{step} out of the way, and restarting '
+              f'{older}')
+  elif steps:
+    resume = f'Restarting resumes from the last good checkpoint, step {steps[-1]}'
+  else:
+    resume = 'No checkpoint was saved yet, so restarting starts again from step 0'
+  raise FloatingPointError(
+      f'{what} (metrics: {host}). The run stops here, before saving that state. {resume}: try a lower '
+      '--config.optim.lr or gradient clipping (--config.optim.grad_clip=1.0), or start a new workdir with '
+      'optim.warmup_steps > 0.')
+
+
+def check_restored(state: ts.TrainState, max_param_abs: Optional[float], where: str,
+                   steps: list[int]) -> None:
+  """Refuses to resume from a state with non-finite weights, or weights above training.max_param_abs.
+
+  check_update keeps such states from being saved, but a checkpoint written by an older cm_jax (or under a
+  higher or no bound) may hold one, and training on from it gives a non-finite loss at once whatever the
+  learning rate. `steps` are the checkpoints in `where`, for the advice.
+  """
+  w = float(jax.device_get(jax.jit(param_max_abs)(state.params, state.target_params, state.ema_params)))
+  if np.isfinite(w) and not (max_param_abs and w > max_param_abs):
+    return
+  step = int(jax.device_get(state.step))
+  what = (f'non-finite weights (max |w| = {w})' if not np.isfinite(w) else
+          f'exploded weights (max |w| = {w:.3g} > training.max_param_abs = {max_param_abs:g})')
+  older = [s for s in steps if s < step]
+  then = (f'the run resumes from step {older[-1]}, the checkpoint before it (checked the same way)' if older else
+          'the run starts again from step 0 (no older checkpoint there)')
+  raise errors.InputFileError(
+      f'The checkpoint of step {step} in {where} holds {what} in its parameters, target or EMAs: training on from '
+      f'it diverges at once whatever the learning rate. Move {where}/{step} out of the way and {then}; or start a '
+      'new --workdir; or, if these weights are intended, raise --config.training.max_param_abs (0 turns the bound '
+      'off).')
 
 
 FLAGS = flags.FLAGS

@@ -19,7 +19,8 @@ def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_d
   """One optimisation step. batch is (images uint8 (B, H, W, C), labels int32 (B,) or None for an unconditional
   model); teacher_params is None except for 'cd'.
 
-  Returns (new state, metrics of this step).
+  Returns (new state, metrics of this step). The metrics include 'param_max_abs' of the NEW state (see
+  param_max_abs), so the training loop can refuse to save a state whose weights have already exploded.
   """
   batch_BHWC, labels_B = batch
   rng = jax.random.fold_in(state.rng, state.step)
@@ -45,6 +46,20 @@ def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_d
 
   metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
   metrics['lr'] = ts.learning_rate_schedule(config)(state.step)
+  metrics['param_max_abs'] = param_max_abs(params, target_params, ema_params)
   new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
                             ema_params=ema_params, opt_state=opt_state)
   return new_state, metrics
+
+
+def param_max_abs(*trees) -> jax.Array:
+  """max |w| over every array of `trees` (online params, target, EMAs): a float32 scalar, NaN if any entry is NaN.
+
+  A too-high learning rate can blow the weights up (to 1e6 after one Adam step at lr = 1e6) while the loss
+  still reads finite; a checkpoint of such a state resumes into a NaN loss whatever the new learning rate. One
+  read of the arrays (jnp.max propagates NaN), cheap next to the forward and backward pass. None trees (no
+  target network) hold no arrays.
+  """
+  maxima = [jnp.max(jnp.abs(leaf)).astype(jnp.float32) for tree in trees for leaf in jax.tree.leaves(tree)]
+  return jnp.max(jnp.stack(maxima)) if maxima else jnp.zeros((), jnp.float32)
+

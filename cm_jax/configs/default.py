@@ -161,6 +161,16 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
   training.keep_checkpoints = 3   # Keep the latest this many checkpoints ...
   training.keep_every = 0         # ... plus every checkpoint whose step is a multiple of this (0: none).
+  # Divergence guard: the run stops, before saving that state, as soon as an update leaves any weight of the
+  # parameters, the target network or an EMA above this in absolute value (or not finite), and a resumed
+  # checkpoint must pass the same bound. A too-high learning rate can blow the weights up while the loss still
+  # reads finite (lr = 1e6: max |w| 6.6e6 after one update, 1.2e14 after two, NaN after three); a checkpoint of
+  # such a state gives a NaN loss on resume whatever the new learning rate, so it must never be the one to
+  # resume from. Healthy runs stay far below: max |w| is 1.0 at initialisation in every config (GroupNorm
+  # scales), 1.6 after the 2400 steps of configs/fashion_mnist_ct.py, and 6.5 after 300 steps of
+  # configs/test.py at lr = 0.1 (Adam), a rate 100x too high. 0 (or None) turns the bound off; non-finite
+  # weights still stop the run.
+  training.max_param_abs = 1e4
   training.eval_every = 1000      # Steps between sample grids (one-step and two-step) under WORKDIR/samples.
   training.num_eval_samples = 64  # Images per grid (a square number keeps the grid square).
   # 'float32' | 'bfloat16': activations and matmuls of the network in bf16, while parameters, optimizer
