@@ -35,6 +35,17 @@ from cm_jax import sharding
 from cm_jax.configs import default as default_config
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+# What a damaged checkpoint raises on restore is not one type: OS errors, TensorStore's ValueErrors, the JSON
+# decoder's, and Orbax's plain Exception around them. What it never raises are the errors of a program bug or of
+# a full device; those propagate rather than condemn a good checkpoint (see `is_damage`).
+_NOT_DAMAGE = (TypeError, AttributeError, NameError, AssertionError, ImportError, NotImplementedError,
+               RecursionError, MemoryError)
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether a restore error may come from the checkpoint's files (else: a bug, or out of device memory)."""
+  return (isinstance(e, Exception) and not isinstance(e, _NOT_DAMAGE)
+          and 'RESOURCE_EXHAUSTED' not in str(e) and 'Out of memory' not in str(e))
 # The JSON item {leaf path: 'dtype:checksum'} written with each state; checkpoints without it predate it.
 CHECKSUMS_ITEM = 'checksums'
 ITEM_NAMES = ('state', 'config', 'data', CHECKSUMS_ITEM)
@@ -104,6 +115,8 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
   call it every step, so that a run stops soon after its disk fills up rather than at the next save)."""
   with _disk_errors_explained(manager):
     manager.check_for_errors()
+    if not manager.is_saving_in_progress():  # Orbax's finalize thread holds a failed save's error: get it.
+      manager.wait_until_finished()
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -288,18 +301,22 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
 
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      check_no_links(manager, step)
       meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                            data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
       skip(step, e)
       continue
     check_compatible(config_from_json_dict(meta.config), config, workdir)
     check_same_data(meta.data, data, workdir)
     try:
-      check_no_links(manager, step)
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
       verify(manager, step, state)
     except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
       state = None  # Never returned; and freed before an older one is read (no two states in memory).
       skip(step, e)
       continue
@@ -363,6 +380,10 @@ def check_no_links(manager: ocp.CheckpointManager, step: int) -> None:
   root = os.fspath(epath.Path(manager.directory) / str(step))
   if paths.is_remote(root):
     return
+  if os.path.islink(root):
+    raise UnreadableCheckpointError(f'The checkpoint of step {step} in {os.fspath(manager.directory)} is a symbolic '
+                                    f'link (-> {os.readlink(root)}); cm_jax does not follow links out of a '
+                                    'checkpoint. It was not loaded.')
   for folder, dirs, files in os.walk(root):
     for name in dirs + files:
       path = os.path.join(folder, name)
@@ -400,6 +421,8 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
     try:
       return step, restore(step)
     except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
       others = [s for s in steps if s != step]
       raise UnreadableCheckpointError(
           f'The checkpoint of step {step} in {where} is unreadable or corrupt ({describe_error(e)}); it was not '
@@ -410,6 +433,8 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
     try:
       restored = restore(candidate)
     except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
       damaged.append(candidate)
       problems.append(f'step {candidate}: {describe_error(e)}')
       logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '

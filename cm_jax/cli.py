@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import logging as pylogging
 import os
 import sys
+import tempfile
 import traceback
 from typing import Callable, Optional, Sequence
 
 # TensorFlow (TFDS, the Inception network) reads this when it is first imported: hide its C++ INFO lines.
-if '--verbose' not in sys.argv and '--verbose=true' not in sys.argv:
+if not any(a == '--verbose' or a.lower() in ('--verbose=true', '--verbose=1') for a in sys.argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -81,13 +83,15 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
     main(argv)
   except KeyboardInterrupt:
     if verbose:
-      raise
-    fail('interrupted (a second Ctrl-C stops at once, without saving; the last saved checkpoint is kept).', 130,
-         at_once=True)
+      traceback.print_exc()
+    fail('interrupted (training: a second Ctrl-C stops at once, without saving; the last saved checkpoint is '
+         'kept).' if program_name() == 'cm_jax.train' else 'interrupted.', 130, at_once=True)
   except Exception as e:  # pylint: disable=broad-except
     code = user_error_code(e)
-    if code is None or verbose:
+    if code is None:
       raise
+    if verbose:  # The traceback, then the same line and exit code as without --verbose.
+      traceback.print_exc()
     fail(describe(e), code, at_once=True)
 
 
@@ -103,9 +107,17 @@ def fail(message: str, code: int, at_once: bool = False) -> None:
   sys.stderr.flush()
   sys.stderr.write(f'{program_name()}: error: {one_line(message)}\n')
   sys.stderr.flush()
-  if at_once:
+  if at_once and not _distributed():  # A multi-process run shuts jax.distributed down at exit: let it.
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
+
+
+def _distributed() -> bool:
+  jax = sys.modules.get('jax')
+  try:
+    return jax is not None and jax.distributed.is_initialized()
+  except Exception:  # pylint: disable=broad-except
+    return True  # When in doubt, the ordinary exit.
 
 
 def user_error_code(e: BaseException) -> Optional[int]:
@@ -122,9 +134,16 @@ def user_error_code(e: BaseException) -> Optional[int]:
 
 
 def raised_by_cm_jax(e: BaseException) -> bool:
-  """True if the innermost frame of e's traceback is cm_jax's own code: a message cm_jax wrote on purpose."""
+  """True if e was raised by a `raise` statement of cm_jax's own code: a message cm_jax wrote on purpose.
+
+  The innermost frame alone is not enough: JAX removes its own frames from tracebacks, and errors of builtins
+  (int('x'), np.concatenate([])) have no Python frame, so both would seem to come from the cm_jax line that
+  called them; such errors are bugs and keep their traceback.
+  """
   frames = traceback.extract_tb(e.__traceback__)
-  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
+  if not frames or not os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep):
+    return False
+  return (frames[-1].line or '').lstrip().startswith('raise ')
 
 
 def describe(e: BaseException) -> str:
@@ -262,6 +281,9 @@ def configure_logging(verbose: bool) -> None:
     if getattr(f, 'cm_jax_quiet', False):
       handler.removeFilter(f)
   handler.addFilter(_QuietLibraries())
+  python_handler = getattr(handler, 'python_handler', handler)
+  if not isinstance(python_handler.formatter, _NoLibraryTracebacks):
+    python_handler.setFormatter(_NoLibraryTracebacks(python_handler.formatter))
 
 
 def _one_line_unraisable(unraisable) -> None:
@@ -276,6 +298,26 @@ def _one_line_unraisable(unraisable) -> None:
 _UNRAISABLE_SEEN: set = set()
 
 
+class _NoLibraryTracebacks(pylogging.Formatter):
+  """Formats a library's error as its one-line message: its traceback (often dozens per failure, from every
+  background thread of a failed checkpoint write) only with --verbose. The record itself is left as it is, for
+  any other handler."""
+
+  def __init__(self, inner: Optional[pylogging.Formatter]):
+    super().__init__()
+    self.inner = inner or pylogging.Formatter()
+
+  def format(self, record) -> str:
+    if not record.exc_info or os.path.abspath(record.pathname).startswith(PACKAGE_DIR + os.sep):
+      return self.inner.format(record)
+    saved = record.exc_info, record.exc_text, record.stack_info
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    try:
+      return self.inner.format(record)
+    finally:
+      record.exc_info, record.exc_text, record.stack_info = saved
+
+
 class _QuietLibraries:
   """logging.Filter: keeps warnings and errors, and INFO lines from cm_jax or clu's training log."""
   cm_jax_quiet = True
@@ -285,9 +327,6 @@ class _QuietLibraries:
     if path.startswith(PACKAGE_DIR + os.sep):
       return True
     if record.levelno >= 30:
-      # A library's error keeps its one-line message; its traceback (often dozens per failure, from every
-      # background thread of a failed checkpoint write) only with --verbose.
-      record.exc_info, record.exc_text, record.stack_info = None, None, None
       return not any(noise in str(record.msg) for noise in _LIBRARY_NOISE)
     if not any(part in path for part in _KEPT_LIBRARY_INFO):
       return False
@@ -307,41 +346,42 @@ def native_stderr_hidden():
     return
   sys.stderr.flush()
   saved = os.dup(2)
+  hidden = tempfile.TemporaryFile()
+  failed = True
   try:
-    with open(os.devnull, 'w') as null:
-      os.dup2(null.fileno(), 2)
+    os.dup2(hidden.fileno(), 2)
     yield
+    failed = False
   finally:
     os.dup2(saved, 2)
     os.close(saved)
+    if failed:  # What was hidden may explain the failure: show it.
+      hidden.seek(0)
+      sys.stderr.write(hidden.read().decode(errors='replace'))
+    hidden.close()
 
 
 # --------------------------------------------------------------------------------------------------
 # Checks before long work
 # --------------------------------------------------------------------------------------------------
 def parse_floats(flag: str, values: Optional[Sequence[str]]) -> Optional[list[float]]:
-  """--ts=0.8,0.3 as floats; a value that is not a number is a usage error naming the flag."""
-  if values is None:
-    return None
-  out = []
-  for v in values:
-    try:
-      out.append(float(v))
-    except ValueError:
-      raise errors.UsageError(f'--{flag}={",".join(values)}: {v!r} is not a number; give comma-separated '
-                              f'numbers, e.g. --{flag}=0.8,0.3.') from None
-  return out
+  """--ts=0.8,0.3 as floats (None stays None); a value that is not a number is a usage error naming the flag."""
+  return None if values is None else _parse_list(flag, values, float, 'a number', '0.8,0.3')
 
 
 def parse_ints(flag: str, values: Sequence[str]) -> list[int]:
   """--steps=1,2 as ints; anything else is a usage error naming the flag."""
+  return _parse_list(flag, values, int, 'an integer', '1,2')
+
+
+def _parse_list(flag: str, values: Sequence[str], kind: Callable, what: str, example: str) -> list:
   out = []
   for v in values:
     try:
-      out.append(int(v))
+      out.append(kind(v))
     except ValueError:
-      raise errors.UsageError(f'--{flag}={",".join(values)}: {v!r} is not an integer; give comma-separated '
-                              f'integers, e.g. --{flag}=1,2.') from None
+      raise errors.UsageError(f'--{flag}={",".join(values)}: {v!r} is not {what}; give a comma-separated list, '
+                              f'e.g. --{flag}={example}.') from None
   return out
 
 

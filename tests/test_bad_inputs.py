@@ -305,3 +305,46 @@ def test_api_sampling_arguments(corpus):
     model.sample(0)
   with pytest.raises(ValueError, match='intermediate times'):
     model.sample(4, steps=2, ts=[1.0, 0.5])
+
+
+# --------------------------------------------------------------------------------------------------
+# What counts as a user error (one line) and what as a bug (a traceback).
+# --------------------------------------------------------------------------------------------------
+def _raised(fn):
+  try:
+    fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  raise AssertionError('nothing raised')
+
+
+def test_only_deliberate_cm_jax_errors_are_user_errors():
+  from cm_jax import cli
+  from cm_jax import edit
+  assert cli.user_error_code(_raised(lambda: edit.load_images('/nonexistent.npz'))) == 1
+  assert cli.user_error_code(_raised(lambda: cli.parse_ints('steps', ['a']))) == 2
+  # Errors of JAX or of builtins, even when the innermost remaining frame is cm_jax's, are bugs.
+  bug = _raised(lambda: cli.parse_floats('ts', None)[0])  # TypeError in cm_jax's caller: never a user error.
+  assert cli.user_error_code(bug) is None
+  jax_bug = _raised(lambda: inference.sample_in_batches(None, None, None, 4, 0, 4, (2, 2, 1), labels=[1]))
+  assert isinstance(jax_bug, ValueError) and cli.user_error_code(jax_bug) == 1  # A raise statement of cm_jax.
+  # A ValueError of a builtin (or of JAX, whose frames JAX removes from tracebacks) whose innermost frame is a
+  # cm_jax line that is not a raise statement: a bug, shown with its traceback.
+  builtin_error = _raised(lambda: exec(compile("int('x')", os.path.join(cli.PACKAGE_DIR, 'fake_module.py'), 'exec')))
+  assert isinstance(builtin_error, ValueError) and cli.user_error_code(builtin_error) is None
+
+
+def test_library_tracebacks_are_hidden_from_the_console_only():
+  import logging as pylogging
+  from cm_jax import cli
+  inner = pylogging.Formatter('%(message)s')
+  formatter = cli._NoLibraryTracebacks(inner)  # pylint: disable=protected-access
+  try:
+    raise OSError('disk')
+  except OSError:
+    exc_info = sys.exc_info()
+  library = pylogging.LogRecord('orbax', pylogging.ERROR, '/site-packages/orbax/x.py', 1, 'failed', None, exc_info)
+  ours = pylogging.LogRecord('cm_jax', pylogging.ERROR, os.path.join(cli.PACKAGE_DIR, 'train.py'), 1, 'failed',
+                             None, exc_info)
+  assert formatter.format(library) == 'failed' and library.exc_info is exc_info  # The record is untouched.
+  assert 'Traceback' in formatter.format(ours)

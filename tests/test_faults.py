@@ -90,7 +90,10 @@ class Cli:
     self.stdout = ''
     self._cond = threading.Condition()
     self._done = False
-    self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = _env()
+    if file_size_limit is not None:  # Its truncated compilation-cache entries would warn in the other runs.
+      env.update(JAX_COMPILATION_CACHE_DIR='', JAX_ENABLE_COMPILATION_CACHE='false')
+    self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, errors='replace')
     with _LIVE_LOCK:
       _LIVE.add(self.proc)
