@@ -108,6 +108,7 @@ def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.Conf
                             data=ocp.args.JsonSave(data), checksums=ocp.args.JsonSave(checksums(state)))
   with _disk_errors_explained(manager):
     manager.save(step, args=args, force=True)
+  _UNCOLLECTED.add(id(manager))
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
@@ -115,8 +116,13 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
   call it every step, so that a run stops soon after its disk fills up rather than at the next save)."""
   with _disk_errors_explained(manager):
     manager.check_for_errors()
-    if not manager.is_saving_in_progress():  # Orbax's finalize thread holds a failed save's error: get it.
+    # Orbax's finalize thread holds a failed save's error: collect it once that save is over (once per save).
+    if id(manager) in _UNCOLLECTED and not manager.is_saving_in_progress():
+      _UNCOLLECTED.discard(id(manager))
       manager.wait_until_finished()
+
+
+_UNCOLLECTED: set[int] = set()  # Managers with a save whose outcome check_saves has not collected yet.
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
