@@ -385,35 +385,15 @@ def _parse_list(flag: str, values: Sequence[str], kind: Callable, what: str, exa
   return out
 
 
-def check_writable_dir(path: str, what: str) -> None:
-  """Checks, before any long work starts, that files can be written in the directory `path`.
+_UNWRITABLE_FIX = 'choose a directory you can write to, or fix its permissions or free space.'
 
-  An existing directory gets a probe file written and removed; a missing one is not created (a failing run
-  leaves nothing behind): its nearest existing parent must be writable. `what` names it in the message (e.g.
-  '--workdir'). URIs (gs://...) are left to the first write.
-  """
-  from cm_jax import paths  # pylint: disable=g-import-not-at-top
-  if paths.is_remote(path):
-    return
-  try:
-    if os.path.isdir(path):
-      probe = os.path.join(path, f'.cm_jax_write_test.{os.getpid()}')
-      with open(probe, 'wb') as f:
-        f.write(b'x')
-      os.remove(probe)
-      return
-    if os.path.exists(path):
-      raise OSError(errno.ENOTDIR, 'not a directory', path)
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-      parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-      raise OSError(errno.ENOTDIR, f'{parent} is not a directory', path)
-    if not os.access(parent, os.W_OK | os.X_OK):
-      raise OSError(errno.EACCES, f'cannot create it in {parent}', path)
-  except OSError as e:
-    raise errors.OutputPathError(f'{what}={path} is not writable ({e.strerror or e}): choose a directory you can '
-                                 'write to, or fix its permissions or free space.') from None
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Checks, before any long work starts, that files can be written in the directory `path`; `what` names it
+  in the message (e.g. '--workdir'). URIs (gs://...) are left to the first write."""
+  reason = _unwritable_dir_reason(path)
+  if reason:
+    raise errors.OutputPathError(f'{what}={path} is not writable ({reason}): {_UNWRITABLE_FIX}')
 
 
 def check_writable_file(path: str, what: str) -> None:
@@ -424,11 +404,39 @@ def check_writable_file(path: str, what: str) -> None:
   if os.path.isdir(path):
     raise errors.OutputPathError(f'{what}={path} is a directory; give a file path.')
   folder = os.path.dirname(os.path.abspath(path))
+  reason = _unwritable_dir_reason(folder)
+  if reason:
+    raise errors.OutputPathError(f'{what}={path}: its folder {folder} is not writable ({reason}): {_UNWRITABLE_FIX}')
+
+
+def _unwritable_dir_reason(path: str) -> Optional[str]:
+  """Why no file can be written in the directory `path`, or None when one can (or it is a URI).
+
+  An existing directory gets a probe file written and removed; a missing one is not created (a failing run
+  leaves nothing behind): its nearest existing parent must be writable.
+  """
+  from cm_jax import paths  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(path):
+    return None
   try:
-    check_writable_dir(folder, what)
-  except errors.OutputPathError as e:
-    reason = str(e).split(' is not writable ', 1)[-1]
-    raise errors.OutputPathError(f'{what}={path}: its folder {folder} is not writable {reason}') from None
+    if os.path.isdir(path):
+      probe = os.path.join(path, f'.cm_jax_write_test.{os.getpid()}')
+      with open(probe, 'wb') as f:
+        f.write(b'x')
+      os.remove(probe)
+      return None
+  except OSError as e:
+    return e.strerror or str(e)
+  if os.path.exists(path):
+    return 'not a directory'
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f'{parent} is not a directory'
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f'cannot create it in {parent}'
+  return None
 
 
 def available_memory_bytes() -> Optional[int]:
