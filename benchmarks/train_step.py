@@ -54,6 +54,9 @@ from cm_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-t
 from cm_jax import losses  # pylint: disable=g-import-not-at-top
 from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 from cm_jax.train_step import train_step  # pylint: disable=g-import-not-at-top
+from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+XLA_NOTE = xla_flags.apply()  # Training's XLA CPU settings (cm_jax/xla_flags.py), before any computation.
 
 DEFAULT_CONFIG = 'configs/fashion_mnist_ct.py'
 PRECISIONS = {'float32': 'float32', 'fp32': 'float32', 'f32': 'float32',
@@ -324,6 +327,8 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
       'last_loss': None if loss_value is None else significant(loss_value),
       'xla_disable_most_optimizations': bool(jax.config.read('jax_disable_most_optimizations')),
       'jax_version': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'xla_note': XLA_NOTE,
   }
 
 

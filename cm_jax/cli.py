@@ -33,6 +33,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from cm_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -73,12 +74,15 @@ def run(main: Callable[[list[str]], None], define_flags: Optional[Callable[[], N
     define_flags()
   if 'verbose' not in FLAGS:
     flags.DEFINE_bool('verbose', False, 'Show library INFO logs, and the traceback of a user error.')
-  app.run(lambda argv: _run_main(main, argv), flags_parser=parse_flags)
+  xla_note = xla_flags.apply()  # Before any computation starts a JAX backend.
+  app.run(lambda argv: _run_main(main, argv, xla_note), flags_parser=parse_flags)
 
 
-def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
+def _run_main(main: Callable[[list[str]], None], argv: list[str], xla_note: str = '') -> None:
   verbose = FLAGS.verbose
   configure_logging(verbose)
+  if xla_note:
+    logging.info('%s', xla_note)
   try:
     main(argv)
   except KeyboardInterrupt:

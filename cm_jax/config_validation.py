@@ -147,9 +147,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(mc.num_classes >= 2, 'model.num_classes',
              f'a class-conditional model needs the number of classes (>= 2), got {mc.num_classes}.')
   size = input_pipeline.image_shape(dc)[0]
+  _require(mc.patch_size >= 1, 'model.patch_size', f'must be >= 1 (1: no patches), got {mc.patch_size}.')
+  _require(size % mc.patch_size == 0, 'model.patch_size',
+           f'the image size {size} does not divide by the patch size {mc.patch_size}.')
+  size //= mc.patch_size
   factor = 2 ** (len(mc.ch_mult) - 1)
   _require(size % factor == 0, 'model.ch_mult',
-           f'{len(mc.ch_mult)} levels halve the image {len(mc.ch_mult) - 1} times, but size {size} does not '
+           f'{len(mc.ch_mult)} levels halve the image {len(mc.ch_mult) - 1} times, but size {size} (after '
+           f'model.patch_size) does not '
            f'divide by {factor}; use fewer levels, or another data.image_size (data.pad_to for the MNIST '
            'family, e.g. 32).')
   _require(config.optim.lr > 0, 'optim.lr', 'must be > 0.')

@@ -27,6 +27,10 @@ from cm_jax import progress as progress_lib
 from cm_jax import sampling
 from cm_jax import sharding
 from cm_jax import train_state as ts
+from cm_jax import xla_flags
+# Notebooks sample through this module: give them cm_jax's XLA CPU settings too (a no-op once a backend runs).
+xla_flags.apply()
+
 # make_denoiser and is_diffusion_model live beside the Denoiser (light imports); re-exported for callers.
 from cm_jax.denoiser import Denoiser, is_diffusion_model, make_denoiser  # pylint: disable=unused-import
 

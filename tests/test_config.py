@@ -98,6 +98,9 @@ def test_ect_must_start_from_the_teacher():
     ('evaluation.pr_k', 0, 'evaluation.pr_k'),
     ('evaluation.classifier_steps', 0, 'evaluation.classifier_steps'),
     ('evaluation.num_reference', -5, 'evaluation.num_reference'),
+    ('model.patch_size', 0, 'model.patch_size'),
+    ('model.patch_size', 3, 'model.patch_size'),   # 28 does not divide by 3.
+    ('model.patch_size', 4, 'model.ch_mult'),      # 28 / 4 = 7 cannot be halved for ch_mult (1, 2, 2).
 ])
 def test_validation_names_the_field(field, value, message):
   config = default.get_config()

@@ -214,3 +214,43 @@ def test_every_paper_config_builds_its_model_under_eval_shape(path):
     assert 50e6 <= count <= 62e6, f'{count} parameters; iCT/NCSN++ is ~56M'
   if path.startswith('configs/imagenet64_'):
     assert config.model.class_conditional and config.model.num_classes == 1000
+
+
+# ----------------------------------------------------------------------------- Patches (model.patch_size).
+def test_space_to_depth_is_a_lossless_regrouping_of_each_patch():
+  from cm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  y = unet.space_to_depth(x, 2)
+  assert y.shape == (2, 2, 3, 12)
+  # Position (i, j) holds the 2x2 patch at rows 2i..2i+1, columns 2j..2j+1, channels ordered (dy, dx, c).
+  np.testing.assert_array_equal(np.asarray(y[1, 1, 2]), np.asarray(x[1, 2:4, 4:6, :]).reshape(-1))
+  np.testing.assert_array_equal(np.asarray(unet.depth_to_space(y, 2)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(unet.space_to_depth(x, 1)), np.asarray(x))
+
+
+def test_patch_size_1_keeps_the_parameter_tree_and_a_patch_model_maps_images_to_images():
+  x = jnp.asarray(np.sin(np.arange(2 * 16 * 16 * 1) * 0.3).reshape(2, 16, 16, 1), jnp.float32)
+  c = jnp.array([-1.0, 0.5])
+  base = models.create_model(tiny_model_config())
+  same = models.create_model(tiny_model_config(patch_size=1))
+  assert jax.tree.map(lambda s: s.shape, param_shapes(base, x)) == jax.tree.map(lambda s: s.shape,
+                                                                                param_shapes(same, x))
+  patched = models.create_model(tiny_model_config(patch_size=2))
+  shapes = param_shapes(patched, x)
+  # The stem sees 2*2*1 channels and the output layer writes them; the body is unchanged.
+  assert shapes['Conv_0']['kernel'].shape == (3, 3, 4, 8)
+  last = sorted((k for k in shapes if k.startswith('Conv_')), key=lambda k: int(k.split('_')[1]))[-1]
+  assert shapes[last]['kernel'].shape[-1] == 4
+  params = fake_params(shapes)
+  out = apply_fn(patched)(params, x, c, None)
+  assert out.shape == x.shape and out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  # The output layer's 4 channels land on the 4 pixels of each patch: zeroing channel k of the output conv
+  # zeroes exactly pixel (k // 2, k % 2) of every patch.
+  zeroed = dict(params)
+  kernel, bias = np.array(params[last]['kernel']), np.array(params[last]['bias'])
+  kernel[..., 3], bias[3] = 0.0, 0.0
+  zeroed[last] = {'kernel': kernel, 'bias': bias}
+  out_zeroed = np.asarray(apply_fn(patched)(zeroed, x, c, None))
+  np.testing.assert_array_equal(out_zeroed[:, 1::2, 1::2, 0], 0.0)
+  np.testing.assert_array_equal(out_zeroed[:, 0::2, :, 0], np.asarray(out)[:, 0::2, :, 0])
+  np.testing.assert_array_equal(out_zeroed[:, :, 0::2, 0], np.asarray(out)[:, :, 0::2, 0])

@@ -78,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.class_conditional = False # Add a learned class embedding to the time embedding; training then reads
                                   # the dataset's labels and sampling takes labels (or draws them uniformly).
   model.num_classes = 0           # Number of classes when class_conditional (CIFAR-10 10, ImageNet 1000).
+  model.patch_size = 1            # > 1: the network runs on p x p patches (space-to-depth in, depth-to-space
+                                  # out), so its first level is at H/p: p^2 times fewer positions per layer.
 
   # ---------------------------------------------------------------------------------------------
   # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',

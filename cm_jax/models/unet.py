@@ -68,6 +68,20 @@ def upsample_2x(x_BHWC: jax.Array) -> jax.Array:
 RESAMPLERS = {'none': lambda x: x, 'down': downsample_2x, 'up': upsample_2x}
 
 
+def space_to_depth(x_BHWC: jax.Array, p: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch becomes one position (channel order (dy, dx, c))."""
+  b, h, w, c = x_BHWC.shape
+  x = x_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x_BHWC: jax.Array, p: int) -> jax.Array:
+  """The inverse of space_to_depth: (B, H, W, p*p*C) -> (B, H*p, W*p, C)."""
+  b, h, w, c = x_BHWC.shape
+  x = x_BHWC.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 class ResBlock(nn.Module):
   """GroupNorm-SiLU-Conv twice, with the embedding added (or, scale_shift, scaling and shifting the second norm).
 
@@ -132,6 +146,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   class_conditional: bool = False
   num_classes: int = 0
+  patch_size: int = 1
   dtype: Dtype = jnp.float32
 
   def _check(self, x_BHWC: jax.Array, labels_B: Optional[jax.Array]) -> None:
@@ -177,7 +192,8 @@ class UNet(nn.Module):
     def attn(h):
       return AttnBlock(self.num_groups, self._num_heads(h.shape[-1]), self.dtype)(h)
 
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(x_BHWC.astype(self.dtype))
+    p = self.patch_size
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(space_to_depth(x_BHWC.astype(self.dtype), p))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -209,5 +225,5 @@ class UNet(nn.Module):
     assert not skips
 
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
-    out = nn.Conv(x_BHWC.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
-    return out.astype(jnp.float32)
+    out = nn.Conv(x_BHWC.shape[-1] * p * p, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
+    return depth_to_space(out, p).astype(jnp.float32)
