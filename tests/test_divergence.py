@@ -7,13 +7,11 @@ against training.max_param_abs before the state it produced can be saved, and a 
 the same bound.
 """
 
-import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cm_jax import checkpointing
@@ -23,6 +21,7 @@ from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
 from cm_jax.train_step import param_max_abs
+import checkpoint_utils
 
 WHERE = '/runs/r/checkpoints'
 LIMIT = 1e4
@@ -147,15 +146,7 @@ def test_config_refuses_a_negative_or_nan_bound(value):
 # ------------------------------------------------------------------------------------------------
 def saved_weights_max(workdir, step) -> float:
   """max |w| over params, target and EMAs of checkpoint `step`, restored from disk."""
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    config = checkpointing.restore_config(manager, step)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(functools.partial(ts.init_state, config, ts.make_optimizer(config)))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-  finally:
-    manager.close()
+  _, state = checkpoint_utils.restore_full_state(workdir, step)
   return float(param_max_abs(state.params, state.target_params, state.ema_params))
 
 

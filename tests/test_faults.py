@@ -35,11 +35,10 @@ from typing import Callable, Optional, Union
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cm_jax import checkpointing
-from cm_jax import train_state as ts
+import checkpoint_utils
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -213,17 +212,7 @@ def complete_steps(workdir) -> list:
 def restored_state(workdir, step: Optional[int] = None) -> tuple:
   """(step, {leaf path: numpy array}) of the whole train state of a checkpoint (default: the latest)."""
   with _ORBAX:
-    manager = checkpointing.make_manager(str(workdir), read_only=True)
-    try:
-      step = manager.latest_step() if step is None else step
-      assert step is not None, f'no checkpoint in {workdir}'
-      config = checkpointing.restore_config(manager, step)
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.eval_shape(functools.partial(ts.init_state, config, ts.make_optimizer(config)))
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    finally:
-      manager.close()
+    step, state = checkpoint_utils.restore_full_state(workdir, step)
   flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
   return step, {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
