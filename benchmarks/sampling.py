@@ -30,6 +30,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top
+from machine import cpu_model  # pylint: disable=g-import-not-at-top  (benchmarks/machine.py)
 
 XLA_NOTE = xla_flags.apply()  # The CLIs' XLA CPU settings, before any computation.
 
@@ -41,17 +42,6 @@ from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 
 SAMPLERS = ('onestep', 'twostep', 'heun')
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'fashion_mnist_ct.py')
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown'
 
 
 def parse_list(text: str, allowed: Sequence[str] = ()) -> list[str]:

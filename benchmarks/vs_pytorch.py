@@ -26,23 +26,10 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_model, load_average  # benchmarks/machine.py, beside this script.
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'peers', 'pytorch_edm_reference.py')
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown'
-
-
-def load_average() -> float:
-  return round(os.getloadavg()[0], 2)
 
 
 def json_lines(text: str) -> list[dict]:
