@@ -1,8 +1,13 @@
 r"""Sample quality: python -m cm_jax.evaluate --workdir=DIR --num=10000 --steps=1,2
+                  python -m cm_jax.evaluate --samples=FILE.npz --dataset=fashion_mnist [--crop=2]
 
 Prints ONE JSON object on stdout (logs go to stderr): for each sampler, the Frechet distance to the reference
 features, the Inception Score of the feature network's softmax, improved precision and recall (k-NN, k =
 evaluation.pr_k), and the protocol (sample count, seed, reference split and size, feature network, resize).
+With the classifier feature network also the class balance: `class_fractions` (the share of samples the
+classifier puts in each class) and `class_balance_tv` (their total variation distance to uniform; 0 = every
+class equally often). --samples scores images made elsewhere (uint8 NHWC in an .npz, e.g. the PyTorch
+reference's) against --dataset's reference set, with the same feature network and cache.
 
 Feature networks (config.evaluation.feature_net, or --feature_net):
   * 'inception': the 2015-12-05 Inception graph of published FIDs (cm_jax/inception.py); keys 'fid' and
@@ -204,12 +209,30 @@ class Evaluator:
     k = min(self.pr_k, len(images_BHWC) - 1, len(self.reference.features) - 1)
     out.update(metrics.precision_recall(self.reference.features, features, k=k))
     out['precision_recall_k'] = k  # evaluation.pr_k, lowered only when there are fewer than k + 1 samples.
+    if self.net.kind == 'classifier':  # Inception's 1008 ImageNet classes say nothing about these datasets.
+      fractions = class_fractions(probs)
+      out['class_fractions'] = [round(float(f), 4) for f in fractions]
+      out['class_balance_tv'] = class_balance_tv(fractions)
     return out
 
   def protocol(self, num_samples: int) -> dict:
     return {'num_samples': int(num_samples), 'reference': self.reference.info, 'feature_net': self.net.protocol,
             'precision_recall_k': self.pr_k,
             'resize': self.net.protocol.get('input', 'none: images at the model resolution')}
+
+
+def class_fractions(probs_NK: np.ndarray) -> np.ndarray:
+  """The fraction of the samples the feature classifier assigns to each class (argmax), shape (K,)."""
+  probs_NK = np.asarray(probs_NK)
+  return np.bincount(np.argmax(probs_NK, axis=1), minlength=probs_NK.shape[1]) / len(probs_NK)
+
+
+def class_balance_tv(fractions_K: np.ndarray) -> float:
+  """Total variation distance between the class fractions and the uniform distribution: 0 when every class is
+  produced equally often, 1 - 1/K when one class takes every sample. The reference is uniform because the
+  test splits scored here are balanced (the MNIST family: 1,000 per class)."""
+  fractions_K = np.asarray(fractions_K, np.float64)
+  return float(0.5 * np.abs(fractions_K - 1.0 / len(fractions_K)).sum())
 
 
 def data_protocol(data_config: ml_collections.ConfigDict) -> dict:
@@ -337,7 +360,8 @@ def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Seque
     t1 = time.time()
     scores = evaluator.score(samples)
     logging.info('%s: %s (%.0f s sampling, %.0f s scoring)', spec.describe(),
-                 ', '.join(f'{k} {v:.4f}' for k, v in scores.items()), t1 - t0, time.time() - t1)
+                 ', '.join(f'{k} {v:.4f}' for k, v in scores.items() if np.isscalar(v)), t1 - t0,
+                 time.time() - t1)
     results.append(dict(sampler=spec.name, steps=spec.steps, times=list(spec.times), description=spec.describe(),
                         sampling_seconds=round(t1 - t0, 2), **scores))
     if first_samples is None:
@@ -364,12 +388,103 @@ def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Seque
   return out
 
 
+def load_samples_file(path: str, image_shape: Sequence[int], crop: int = 0,
+                      num: Optional[int] = None) -> np.ndarray:
+  """uint8 (N, H, W, C) images from an .npz file (its one array, or 'arr_0' or 'samples' among several), with
+  `crop` pixels cut from each border, checked against the dataset's image_shape; the first `num` of them."""
+  try:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
+      names = list(f.keys())
+      key = names[0] if len(names) == 1 else next((k for k in ('arr_0', 'samples') if k in names), None)
+      if key is None:
+        raise errors.InputFileError(f'--samples {path}: holds arrays {names}; expected one array, or one named '
+                                    "'arr_0' or 'samples'.")
+      images = f[key]
+  except (OSError, ValueError, EOFError) as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.InputFileError(f'--samples {path}: not a readable .npz file ({e}).') from e
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise errors.InputFileError(f'--samples {path}: expected uint8 images (N, H, W, C), got {images.dtype} '
+                                f'{images.shape}.')
+  if crop:
+    if 2 * crop >= min(images.shape[1:3]):
+      raise errors.UsageError(f'--crop={crop} leaves nothing of {images.shape[1]}x{images.shape[2]} images.')
+    images = images[:, crop:-crop, crop:-crop, :]
+  if tuple(images.shape[1:]) != tuple(image_shape):
+    h, w = images.shape[1] - image_shape[0], images.shape[2] - image_shape[1]
+    hint = (f' (--crop={h // 2} cuts the {h // 2}-pixel border)' if h == w and h > 0 and h % 2 == 0 and
+            images.shape[3] == image_shape[2] else '')
+    raise errors.UsageError(f'--samples {path}: images of shape {tuple(images.shape[1:])} after --crop={crop}; '
+                            f'the dataset\'s are {tuple(image_shape)}{hint}.')
+  if num is not None:
+    if num > len(images):
+      raise errors.UsageError(f'--num={num}, but --samples {path} holds {len(images)} images.')
+    images = images[:num]
+  return np.ascontiguousarray(images)
+
+
+def evaluate_samples(evaluator: Evaluator, images_BHWC: np.ndarray, samples_path: str, dataset: str) -> dict:
+  """The evaluate CLI's JSON object for images made elsewhere (another codebase's samples)."""
+  return {'samples_file': paths.absolute(samples_path), 'dataset': dataset,
+          'protocol': evaluator.protocol(len(images_BHWC)),
+          'results': [dict(sampler='external', num=int(len(images_BHWC)), **evaluator.score(images_BHWC))]}
+
+
+def eval_config(name: str) -> ml_collections.ConfigDict:
+  """get_config() of the config module cm_jax.configs.NAME (its evaluation group scores --samples)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  from cm_jax import configs  # pylint: disable=g-import-not-at-top
+  names = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+  if name not in names:
+    raise errors.UsageError(f'--eval_config={name}: not a config of cm_jax/configs; choose one of '
+                            f'{", ".join(names)}.')
+  return importlib.import_module(f'cm_jax.configs.{name}').get_config()
+
+
+def external_samples_main() -> None:
+  """evaluate --samples=FILE.npz --dataset=NAME: scores another model's samples with cm_jax's evaluation."""
+  for name in ('steps', 'sampler', 'ts', 'ema', 'checkpoint_step', 'search_two_step', 'memorization', 'seed'):
+    if FLAGS[name].present:
+      raise errors.UsageError(f'--{name} is for a workdir\'s model; --samples scores images as they are.')
+  if FLAGS.crop < 0:
+    raise errors.UsageError(f'--crop must be >= 0, got {FLAGS.crop}.')
+  config = eval_config(FLAGS.eval_config)
+  config.data.name = FLAGS.dataset
+  for key in ('feature_net', 'inception_path', 'cache_dir', 'reference_split', 'num_reference'):
+    if FLAGS[key].value is not None:
+      config.evaluation[key] = FLAGS[key].value
+  try:
+    config_validation.validate(config)
+  except ValueError as e:
+    raise errors.UsageError(f'--dataset={FLAGS.dataset}: {e}') from e
+  if FLAGS.output and jax.process_index() == 0:
+    cli.check_writable_file(FLAGS.output, '--output')
+  images = load_samples_file(FLAGS.samples, input_pipeline.image_shape(config.data), FLAGS.crop,
+                             FLAGS.num if FLAGS['num'].present else None)
+  out = evaluate_samples(make_evaluator_on_all_processes(config), images, FLAGS.samples, FLAGS.dataset)
+  text = json.dumps(out, indent=1)
+  if jax.process_index() == 0:
+    if FLAGS.output:
+      paths.write_file(FLAGS.output, lambda f: f.write((text + '\n').encode()))
+    sys.stdout.write(text + '\n')
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   multihost.define_flags()
-  flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/.', required=True)
+  flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints/ (or --samples instead).')
+  flags.DEFINE_string('samples', None, 'Instead of --workdir: an .npz of uint8 NHWC images made elsewhere (e.g. '
+                      'the PyTorch reference\'s edm_heun18.npz), scored as they are against --dataset.')
+  flags.DEFINE_string('dataset', 'fashion_mnist', 'With --samples: the dataset whose reference set they are '
+                      'scored against (config.data.name).')
+  flags.DEFINE_string('eval_config', 'default', 'With --samples: the config (a module of cm_jax/configs) whose '
+                      'evaluation settings (feature classifier, reference set) score them.')
+  flags.DEFINE_integer('crop', 0, 'With --samples: pixels cut from each border first (2 turns the reference\'s '
+                       '32x32 into 28x28).')
   flags.DEFINE_integer('num', 10_000, 'Samples per sampler (published FIDs: 50000).')
   flags.DEFINE_list('steps', None, 'Sampling steps to evaluate, e.g. 1,2 (default: 1,2 for consistency models, '
                     'config.sampling.diffusion_steps for EDM models).')
@@ -397,6 +512,18 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise errors.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  if (FLAGS.workdir is None) == (FLAGS.samples is None):
+    raise errors.UsageError('give either --workdir=DIR (a cm_jax run) or --samples=FILE.npz (images made '
+                            'elsewhere), not ' + ('both.' if FLAGS.workdir else 'neither.'))
+  if FLAGS.samples is not None:
+    if FLAGS.num < 2:
+      raise errors.UsageError(f'--num must be >= 2, got {FLAGS.num}.')
+    multihost.initialize_from_flags()
+    external_samples_main()
+    return
+  for name in ('dataset', 'crop', 'eval_config'):
+    if FLAGS[name].present:
+      raise errors.UsageError(f'--{name} goes with --samples; a workdir\'s run knows its dataset.')
   for name, low in (('num', 1), ('batch_size', 1), ('search_num', 0), ('memorization', 0), ('search_points', 3)):
     if FLAGS[name].value < low:
       raise errors.UsageError(f'--{name} must be >= {low}, got {FLAGS[name].value}.')

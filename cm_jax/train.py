@@ -209,7 +209,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
           p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape,
           inference.draw_labels(config, ev.num_samples, ev.seed), before_batch=stop_signal.check))
       for key, value in evaluator.score(samples).items():
-        if key != 'precision_recall_k':
+        if key not in ('precision_recall_k', 'class_fractions'):  # Scalars only (class_balance_tv stays).
           scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
       logging.info('Evaluated %s on %d samples in %.0f s.', spec.describe(), ev.num_samples, time.time() - t0)
     writer.write_scalars(step, scores)

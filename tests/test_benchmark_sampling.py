@@ -28,7 +28,8 @@ def test_every_sampler_at_two_batch_sizes():
     assert r['network_calls'] == {'onestep': 1, 'twostep': 2, 'heun': 2 * diffusion_steps - 1}[r['sampler']]
     assert r['num'] == (4 if r['sampler'] == 'heun' else 10)
     assert r['sample_s'] > 0 and r['images_per_s'] > 0 and r['compile_s'] > 0
-    assert abs(r['seconds_per_10k'] - r['sample_s'] * 10000 / r['num']) < 0.01 * r['seconds_per_10k'] + 0.01
+    # sample_s is rounded to 1 ms, seconds_per_10k (from the unrounded time) to 10 ms.
+    assert abs(r['seconds_per_10k'] - r['sample_s'] * 10000 / r['num']) <= 0.0005 * 10000 / r['num'] + 0.006
     assert r['config'] == 'configs/test.py' and r['params'] > 0
 
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cm_jax import classifier
+from cm_jax import errors
 from cm_jax import evaluate
 from cm_jax import inference
 from cm_jax import input_pipeline
@@ -142,7 +143,39 @@ def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
   shifted = scorer.score(np.clip(images.astype(np.int32) + 40, 0, 255).astype(np.uint8))
   assert shifted['classifier_fd'] > 100 * max(abs(same['classifier_fd']), 1e-9)
   assert set(same) == {'classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall',
-                       'precision_recall_k'} and same['precision_recall_k'] == 3
+                       'precision_recall_k', 'class_fractions', 'class_balance_tv'} and same['precision_recall_k'] == 3
+  assert len(same['class_fractions']) == 4 and abs(sum(same['class_fractions']) - 1.0) < 1e-3
+  assert same['class_balance_tv'] == evaluate.class_balance_tv(same['class_fractions'])
+
+
+def test_class_fractions_and_balance_by_hand():
+  probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+  np.testing.assert_array_equal(evaluate.class_fractions(probs), [0.5, 0.25, 0.25])
+  # |1/2 - 1/3| + 2 |1/4 - 1/3| = 1/6 + 1/6, halved.
+  assert abs(evaluate.class_balance_tv([0.5, 0.25, 0.25]) - 1 / 6) < 1e-12
+  assert evaluate.class_balance_tv([0.1] * 10) == 0.0
+  assert abs(evaluate.class_balance_tv([1.0] + [0.0] * 9) - 0.9) < 1e-12  # One class only: 1 - 1/K.
+
+
+def test_samples_file_is_cropped_checked_and_cut(tmp_path):
+  images = np.arange(5 * 32 * 32, dtype=np.int64).reshape(5, 32, 32, 1).astype(np.uint8)
+  path = str(tmp_path / 'edm.npz')
+  np.savez(path, arr_0=images)
+  out = evaluate.load_samples_file(path, (28, 28, 1), crop=2, num=3)
+  np.testing.assert_array_equal(out, images[:3, 2:30, 2:30])
+  with pytest.raises(errors.UsageError, match=r'--crop=2 cuts the 2-pixel border'):
+    evaluate.load_samples_file(path, (28, 28, 1))
+  with pytest.raises(errors.UsageError, match=r'--num=6, but'):
+    evaluate.load_samples_file(path, (28, 28, 1), crop=2, num=6)
+  np.savez(path, arr_0=images.astype(np.float32))
+  with pytest.raises(errors.InputFileError, match='expected uint8 images'):
+    evaluate.load_samples_file(path, (32, 32, 1))
+  np.savez(path, a=images, b=images)
+  with pytest.raises(errors.InputFileError, match=r"holds arrays \['a', 'b'\]"):
+    evaluate.load_samples_file(path, (32, 32, 1))
+  (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+  with pytest.raises(errors.InputFileError, match='not a readable .npz'):
+    evaluate.load_samples_file(str(tmp_path / 'junk.npz'), (32, 32, 1))
 
 
 def test_inception_feature_net_from_config(tmp_path):
@@ -187,11 +220,12 @@ def test_in_training_evaluation_writes_scores(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   written = scalars(str(tmp_path / 'run'))
   for sampler in ('1step', '2step'):
-    for metric in ('classifier_fd', 'classifier_score', 'precision', 'recall'):
+    for metric in ('classifier_fd', 'classifier_score', 'precision', 'recall', 'class_balance_tv'):
       tag = f'eval/{sampler}/{metric}'
       assert sorted(written[tag]) == [2, 4], (tag, sorted(written))
       assert all(np.isfinite(v) for v in written[tag].values())
   assert written['eval/1step/classifier_fd'][4] > 0.0
+  assert not any(tag.endswith('class_fractions') for tag in written)  # A list: the JSON report only.
 
 
 def run_module(module, *args):
@@ -227,6 +261,34 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   assert 'Training the fashion_mnist feature classifier' in result.stderr
   bad = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--steps=1,2', '--ts=1.0')
   assert bad.returncode != 0 and '--ts needs a single --steps value' in bad.stderr
+  assert all(len(r['class_fractions']) == 10 and 0 <= r['class_balance_tv'] <= 0.9 for r in out['results'])
+
+  # Images made elsewhere (as the PyTorch reference writes them: 32x32, zero-padded), scored with the same
+  # cached classifier: the test images themselves score FD ~0 against themselves, with balanced classes.
+  data = test_config.get_config().data
+  data.source = 'local'
+  test_images = input_pipeline.load_images(data, 'test')
+  rows = evaluate.reference_indices(len(test_images), 200)
+  np.savez(tmp_path / 'ext.npz', arr_0=np.pad(test_images[rows], ((0, 0), (2, 2), (2, 2), (0, 0))))
+  ext = run_module('cm_jax.evaluate', f'--samples={tmp_path}/ext.npz', '--crop=2', f'--cache_dir={tmp_path}/cache',
+                   '--num_reference=200', '--eval_config=test')  # The tiny classifier the run above cached.
+  assert ext.returncode == 0, ext.stderr[-3000:]
+  scored = json.loads(ext.stdout)
+  (result,) = scored['results']
+  assert result['sampler'] == 'external' and result['num'] == 200 and scored['dataset'] == 'fashion_mnist'
+  assert abs(result['classifier_fd']) < 1e-3 and result['precision'] == 1.0 and result['recall'] == 1.0
+  assert len(result['class_fractions']) == 10 and abs(sum(result['class_fractions']) - 1.0) < 1e-3
+  assert abs(result['class_balance_tv'] - evaluate.class_balance_tv(result['class_fractions'])) < 1e-3
+  assert 'Training the fashion_mnist feature classifier' not in ext.stderr  # The cache of the run above.
+  for args, message in [(['--crop=2'], 'give either --workdir=DIR'),
+                        ([f'--samples={tmp_path}/ext.npz'], '--crop=2 cuts the 2-pixel border'),
+                        ([f'--samples={tmp_path}/ext.npz', '--crop=2', '--steps=1'], '--steps is for a workdir'),
+                        ([f'--workdir={tmp_path}/run', '--dataset=mnist'], '--dataset goes with --samples'),
+                        ([f'--samples={tmp_path}/ext.npz', '--crop=2', '--eval_config=nope'],
+                         '--eval_config=nope: not a config of cm_jax/configs')]:
+    bad = run_module('cm_jax.evaluate', *args)
+    assert bad.returncode == 2, (args, bad.stderr[-2000:])
+    assert message in bad.stderr.strip().splitlines()[-1], (args, bad.stderr[-2000:])
 
 
 @pytest.fixture
