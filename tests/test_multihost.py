@@ -337,19 +337,21 @@ def test_slurm_environment_is_detected_and_a_single_task_stays_a_plain_process(m
 # Schedule horizons.
 # ------------------------------------------------------------------------------------------------
 def test_extending_a_run_keeps_its_curriculum():
-  """configs/fashion_mnist_ct.py: N at step 2400 must stay 161 when the run is extended to 4800 steps."""
+  """configs/fashion_mnist_ct.py: N at its last step K must stay 161 when the run is extended to 2K steps."""
   from cm_jax.configs import fashion_mnist_ct  # pylint: disable=g-import-not-at-top
   first = ts.pin_schedule_horizons(fashion_mnist_ct.get_config(), None)
+  steps = first.training.num_steps
   extended = fashion_mnist_ct.get_config()
-  extended.training.num_steps = 4800
+  extended.training.num_steps = 2 * steps
   pinned = ts.pin_schedule_horizons(extended, first)
-  assert pinned.loss.total_steps == pinned.optim.decay_steps == 2400
-  n_at = lambda c: int(losses.make_ct_settings(c, (28, 28, 1)).num_points(2400))
+  assert pinned.loss.total_steps == pinned.optim.decay_steps == steps
+  n_at = lambda c: int(losses.make_ct_settings(c, (28, 28, 1)).num_points(steps))
   assert n_at(first) == n_at(pinned) == 161
-  assert n_at(ts.pin_schedule_horizons(extended, None)) == 41  # What an unpinned extension did.
+  # What an unpinned extension did: step K is 2.5 of the 5 stages of 2K steps, N = 10 * 2^2 + 1.
+  assert n_at(ts.pin_schedule_horizons(extended, None)) == 41
   asked = fashion_mnist_ct.get_config()
-  asked.training.num_steps, asked.loss.total_steps = 4800, 4800
-  assert ts.pin_schedule_horizons(asked, first).loss.total_steps == 4800  # The user's explicit value wins.
+  asked.training.num_steps, asked.loss.total_steps = 2 * steps, 2 * steps
+  assert ts.pin_schedule_horizons(asked, first).loss.total_steps == 2 * steps  # The user's explicit value wins.
 
 
 def test_checkpoints_written_before_pinning_resume_with_their_own_num_steps():
