@@ -11,9 +11,8 @@ For each budget (minutes), in order:
 1. cm_jax: the recipe is a ';'-separated list of stages, each `path[|--config.a=1|...][@fraction]` (the
    fractions of the budget sum to 1; one stage takes all of it). A stage after the first trains with
    `--config.teacher.workdir=` the previous stage's run (a CD or ECT student of an EDM teacher). An override
-   may use the stage's step count in braces, e.g. `--config.loss.ect_stage_steps={num_steps//5}` (max, min, int and round
-   are at hand). Each stage's
-   `training.num_steps` is sized from its measured step time: `benchmarks/train_step.py` times the compiled
+   may use the stage's step count in braces, e.g. `--config.loss.ect_stage_steps={num_steps//5}` (max, min,
+   int and round are at hand). Each stage's `training.num_steps` is sized from its measured step time: `benchmarks/train_step.py` times the compiled
    step (not counted in the budget), then num_steps = (fraction x budget - overhead_s) / (step_s x
    loop_factor). `overhead_s` (process start, data loading, compilation, sample grids, checkpoints) and
    `loop_factor` (data and logging inside the loop) default to what a 10-minute Fashion-MNIST run measured on
@@ -43,12 +42,11 @@ import sys
 import time
 
 from machine import cpu_model, load_average  # benchmarks/machine.py, beside this script.
+from vs_pytorch import json_lines  # benchmarks/vs_pytorch.py: the JSON lines of a command's stdout.
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'peers', 'pytorch_edm_reference.py')
 SCORE_KEYS = ('sampler', 'steps', 'times', 'classifier_fd', 'precision', 'recall', 'class_balance_tv')
-
-
 SAFE_BUILTINS = {'max': max, 'min': min, 'int': int, 'round': round}
 
 
@@ -108,10 +106,6 @@ def fill_in(override: str, num_steps: int) -> str:
   return re.sub(r'\{([^{}]*)\}', value, override)
 
 
-def json_lines(text: str) -> list[dict]:
-  return [json.loads(line) for line in text.splitlines() if line.strip().startswith('{')]
-
-
 def run(command: list[str], log_path: str | None = None) -> tuple[str, float]:
   """Runs a command from the repository root; returns its stdout and wall time. stderr goes to log_path."""
   start = time.perf_counter()
@@ -128,8 +122,13 @@ def run(command: list[str], log_path: str | None = None) -> tuple[str, float]:
   return proc.stdout, wall
 
 
-def scores(evaluation: dict) -> list[dict]:
-  return [{k: r.get(k) for k in SCORE_KEYS} for r in evaluation['results']]
+def evaluate(args, run_dir: str, what: list[str]) -> tuple[list[dict], dict, float]:
+  """`python -m cm_jax.evaluate` on `what` (a workdir or a samples file): the scores, its JSON, its wall time."""
+  out, wall = run([sys.executable, '-m', 'cm_jax.evaluate', *what, f'--num={args.num}',
+                   f'--output={os.path.join(run_dir, "evaluate.json")}'] + args.eval_args,
+                  os.path.join(run_dir, 'evaluate.log'))
+  evaluation = json.loads(out)
+  return [{k: r.get(k) for k in SCORE_KEYS} for r in evaluation['results']], evaluation, wall
 
 
 def calibrate(stage: dict, steps: int) -> float:
@@ -161,13 +160,9 @@ def cm_jax_run(args, stages: list[dict], minutes: float, run_dir: str) -> dict:
                                                                                           budget_s, 3),
                      wall_s=round(wall, 1), workdir=workdir))
     previous = workdir
-  out, eval_wall = run([sys.executable, '-m', 'cm_jax.evaluate', f'--workdir={previous}', f'--num={args.num}',
-                        f'--output={os.path.join(run_dir, "evaluate.json")}'] + args.eval_args,
-                       os.path.join(run_dir, 'evaluate.log'))
-  evaluation = json.loads(out)
+  scored, evaluation, eval_wall = evaluate(args, run_dir, [f'--workdir={previous}'])
   return {'stages': done, 'train_wall_s': round(sum(s['wall_s'] for s in done), 1),
-          'evaluate_s': round(eval_wall, 1), 'scores': scores(evaluation), 'checkpoint_step':
-          evaluation.get('checkpoint_step')}
+          'evaluate_s': round(eval_wall, 1), 'scores': scored, 'checkpoint_step': evaluation.get('checkpoint_step')}
 
 
 def pytorch_run(args, stages: list[dict], minutes: float, run_dir: str) -> dict:
@@ -178,14 +173,11 @@ def pytorch_run(args, stages: list[dict], minutes: float, run_dir: str) -> dict:
   trained = [line for line in out.splitlines() if line.startswith('trained ')]
   eval_config = os.path.splitext(os.path.basename(config_file(stages[-1]['config'])))[0]
   samples = os.path.join(run_dir, 'edm_heun18.npz')
-  out, eval_wall = run([sys.executable, '-m', 'cm_jax.evaluate', f'--samples={samples}', '--crop=2',
-                        f'--num={args.num}', f'--eval_config={eval_config}',
-                        f'--output={os.path.join(run_dir, "evaluate.json")}'] + args.eval_args,
-                       os.path.join(run_dir, 'evaluate.log'))
-  result = {'train_wall_s': round(wall, 1), 'trained': trained[-1] if trained else None,
-            'sampler_note': 'EDM Heun, 18 steps (35 network calls)', 'evaluate_s': round(eval_wall, 1),
-            'scores': scores(json.loads(out))}
-  return result
+  scored, _, eval_wall = evaluate(args, run_dir, [f'--samples={samples}', '--crop=2',
+                                                 f'--eval_config={eval_config}'])
+  return {'train_wall_s': round(wall, 1), 'trained': trained[-1] if trained else None,
+          'sampler_note': 'EDM Heun, 18 steps (35 network calls)', 'evaluate_s': round(eval_wall, 1),
+          'scores': scored}
 
 
 def summary_row(minutes: float, records: dict) -> dict:
