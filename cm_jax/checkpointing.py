@@ -233,16 +233,28 @@ def leaf_name(path: tuple) -> str:
   return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
+# At most this many checksum programs are dispatched before their results are read. With several CPU devices
+# in one process (--xla_force_host_platform_device_count), XLA:CPU (jaxlib 0.10) deadlocks when ~100 small
+# programs holding all-reduces are queued at once: one device's all-reduce waits for a partner whose launch is
+# blocked behind the per-device limit of 32 computations in flight, and after 40 s XLA aborts the process
+# (tests/test_checkpointing.py has the case). A group of 8 keeps far below that limit and costs nothing
+# measurable: the programs are tiny.
+_CHECKSUMS_IN_FLIGHT = 8
+
+
 def checksums(tree: Any) -> dict[str, str]:
   """{leaf name: 'dtype:16 hex digits'} of every array in `tree`, computed on its devices (no gather to host).
 
   In a multi-process run every process must call it (the sums of a sharded array are collectives).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = [_leaf_checksum(leaf) for _, leaf in flat]  # Dispatched asynchronously, then read at once.
-  # A full reduction is replicated on the devices of its array: every process reads its own copy.
-  sums = jax.device_get([x.addressable_data(0) if x.sharding.is_fully_replicated else sharding.to_host(x)
-                         for x in sums])
+  sums = []
+  for start in range(0, len(flat), _CHECKSUMS_IN_FLIGHT):
+    # Dispatched asynchronously, a group at a time. A full reduction is replicated on the devices of its
+    # array: every process reads its own copy.
+    group = [_leaf_checksum(leaf) for _, leaf in flat[start:start + _CHECKSUMS_IN_FLIGHT]]
+    sums += jax.device_get([x.addressable_data(0) if x.sharding.is_fully_replicated else sharding.to_host(x)
+                            for x in group])
   return {leaf_name(path): f'{leaf.dtype}:{int(a):08x}{int(b):08x}' for (path, leaf), (a, b) in zip(flat, sums)}
 
 

@@ -10,6 +10,9 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +104,30 @@ def test_a_sharded_array_has_the_checksum_of_the_unsharded_one():
     assert checksum(placed) == checksum(x), spec
   tree = {'a': jax.device_put(x, NamedSharding(mesh, P('data'))), 'b': RANDOM[:5]}
   assert checkpointing.checksums(tree) == checkpointing.checksums({'a': x, 'b': RANDOM[:5]})
+
+
+
+def test_checksums_of_many_sharded_leaves_finish(tmp_path):
+  """A state of 200 sharded arrays on 2 CPU devices of one process: all their checksum programs queued at once
+  deadlocked XLA:CPU's all-reduces, which aborted the process after 40 s (checkpointing._CHECKSUMS_IN_FLIGHT).
+  Run in a child process so that a regression fails this test instead of killing the test session."""
+  script = tmp_path / 'many_leaves.py'
+  script.write_text(textwrap.dedent('''\
+      import jax, jax.numpy as jnp
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from cm_jax import checkpointing, sharding
+      mesh = sharding.make_mesh()
+      assert mesh.devices.size == 2
+      tree = {f'a{i}': jax.device_put(jnp.full((2 * (i % 7 + 1), 8), float(i)), NamedSharding(mesh, P('data')))
+              for i in range(200)}
+      for _ in range(3):
+        sums = checkpointing.checksums(tree)
+      print('checksums', len(sums))
+      '''))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=root)
+  result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and 'checksums 200' in result.stdout, result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------
