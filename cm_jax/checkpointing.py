@@ -237,7 +237,7 @@ def leaf_name(path: tuple) -> str:
 # in one process (--xla_force_host_platform_device_count), XLA:CPU (jaxlib 0.10) deadlocks when ~100 small
 # programs holding all-reduces are queued at once: one device's all-reduce waits for a partner whose launch is
 # blocked behind the per-device limit of 32 computations in flight, and after 40 s XLA aborts the process
-# (tests/test_checkpointing.py has the case). A group of 8 keeps far below that limit and costs nothing
+# (tests/test_checkpoint_integrity.py has the case). A group of 8 keeps far below that limit and costs nothing
 # measurable: the programs are tiny.
 _CHECKSUMS_IN_FLIGHT = 8
 

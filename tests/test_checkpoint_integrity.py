@@ -106,7 +106,6 @@ def test_a_sharded_array_has_the_checksum_of_the_unsharded_one():
   assert checkpointing.checksums(tree) == checkpointing.checksums({'a': x, 'b': RANDOM[:5]})
 
 
-
 def test_checksums_of_many_sharded_leaves_finish(tmp_path):
   """A state of 200 sharded arrays on 2 CPU devices of one process: all their checksum programs queued at once
   deadlocked XLA:CPU's all-reduces, which aborted the process after 40 s (checkpointing._CHECKSUMS_IN_FLIGHT).
