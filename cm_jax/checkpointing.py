@@ -523,4 +523,8 @@ def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
       out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
-  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), fix(d)))
+  d = fix(d)
+  training = d.get('training', {})
+  if isinstance(training.get('ema_warmup'), bool):  # Before 2026-11-29 a bool: True was today's 'capped'.
+    training['ema_warmup'] = 'capped' if training['ema_warmup'] else 'none'
+  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), d))

@@ -13,6 +13,7 @@ CHOICES = {
     'data.storage': ('memory', 'stream'),
     'training.precision': ('float32', 'bfloat16'),
     'training.sharding': ('replicated', 'fsdp'),
+    'training.ema_warmup': ('capped', 'debias', 'none'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
     'loss.name': ('ct', 'edm', 'cd', 'ect'),

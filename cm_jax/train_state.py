@@ -91,12 +91,26 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   )
 
 
-def ema_decay(rate: float, step, warmup: bool):
-  """Sampling-EMA decay at `step` (the step just taken): min(rate, (1 + k)/(10 + k)) with warm-up."""
-  if not warmup:
-    return jnp.asarray(rate, jnp.float32)
+def ema_decay(rate: float, step, warmup: str):
+  """Sampling-EMA decay for the update after step `step` (0-based: the step just taken).
+
+  'capped': min(rate, (1 + k)/(10 + k)) (TensorFlow's ExponentialMovingAverage num_updates warm-up).
+  'debias': rate (1 - rate^k)/(1 - rate^(k+1)): the EMA is then exactly the normalised average
+    sum_j rate^(k-j) p_j / sum_j rate^(k-j) of the iterates p_0..p_k after each update (Adam's bias
+    correction, done on line), so the initial parameters get no weight whatever the rate.
+  'none': rate from the start (the initial parameters keep weight rate^(k+1)).
+  """
+  rate = jnp.asarray(rate, jnp.float32)
   k = jnp.asarray(step, jnp.float32)
-  return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
+  if warmup == 'none':
+    return rate
+  if warmup == 'capped':
+    return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
+  if warmup == 'debias':
+    # expm1/log1p keep 1 - rate^k accurate for rates close to 1 (rate^k = exp(k log rate)).
+    log_rate = jnp.log(rate)
+    return jnp.where(k == 0, 0.0, rate * jnp.expm1(k * log_rate) / jnp.expm1((k + 1.0) * log_rate))
+  raise ValueError(f"training.ema_warmup: {warmup!r} is not one of ['capped', 'debias', 'none'].")
 
 
 def ema_update(ema, params, decay):

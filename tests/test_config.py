@@ -142,9 +142,31 @@ def test_learning_rate_schedule_warmup_and_cosine_end():
 
 
 def test_ema_decay_warmup():
-  assert float(ts.ema_decay(0.999, 0, True)) == pytest.approx(0.1)
-  assert float(ts.ema_decay(0.999, 10**6, True)) == pytest.approx(0.999)
-  assert float(ts.ema_decay(0.999, 0, False)) == pytest.approx(0.999)
+  assert float(ts.ema_decay(0.999, 0, 'capped')) == pytest.approx(0.1)
+  assert float(ts.ema_decay(0.999, 8, 'capped')) == pytest.approx(0.5)
+  assert float(ts.ema_decay(0.999, 10**6, 'capped')) == pytest.approx(0.999)
+  assert float(ts.ema_decay(0.999, 0, 'none')) == pytest.approx(0.999)
+  assert float(ts.ema_decay(0.9, 0, 'debias')) == 0.0  # The first update replaces the init.
+  assert float(ts.ema_decay(0.9, 1, 'debias')) == pytest.approx(0.9 / 1.9)  # (0.9 p0 + p1) / 1.9.
+  assert float(ts.ema_decay(0.999, 10**6, 'debias')) == pytest.approx(0.999)
+  with pytest.raises(ValueError, match='training.ema_warmup'):
+    ts.ema_decay(0.999, 0, True)
+
+
+@pytest.mark.parametrize('rate', [0.5, 0.99, 0.9999])
+def test_debiased_ema_is_the_normalised_exponential_average_of_the_iterates(rate):
+  iterates = np.random.default_rng(0).normal(size=(300,))
+  ema = 123.0  # The initial parameters: 'debias' gives them no weight.
+  for k, p in enumerate(iterates):
+    ema = float(ts.ema_update(jnp.float32(ema), jnp.float32(p), ts.ema_decay(rate, k, 'debias')))
+  weights = rate ** np.arange(len(iterates))[::-1]
+  np.testing.assert_allclose(ema, np.sum(weights * iterates) / np.sum(weights), rtol=1e-4, atol=1e-5)
+
+
+def test_saved_bool_ema_warmup_reads_as_its_meaning():
+  from cm_jax import checkpointing
+  assert checkpointing.config_from_json_dict({'training': {'ema_warmup': True}}).training.ema_warmup == 'capped'
+  assert checkpointing.config_from_json_dict({'training': {'ema_warmup': False}}).training.ema_warmup == 'none'
 
 
 def test_ect_stages_past_float32_resolution_are_refused():

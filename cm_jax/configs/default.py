@@ -158,7 +158,12 @@ def get_config() -> ml_collections.ConfigDict:
                                   # optim.decay_steps) unless those are set explicitly.
   training.batch_size = 64        # Global batch; must divide by the number of devices (and of processes).
   training.ema_rates = (0.999,)   # Sampling EMAs of the parameters; the first is what sampling uses by default.
-  training.ema_warmup = True      # EMA rate min(rate, (1 + k) / (10 + k)), so short runs are not dominated by init.
+  # How the sampling EMAs start, k the 0-based step: 'capped': decay min(rate, (1 + k)/(10 + k)), so short runs are
+  # not dominated by the init; the cap is below 0.999 until k ~ 9000 and below 0.9999 until k ~ 90000, so in a
+  # shorter run every rate above it averages alike (a horizon of ~k/9 steps). 'debias': the exact exponential
+  # average of the iterates, weights rate^(k - j) normalised to sum to 1 (Adam's bias correction): a horizon of
+  # 1/(1 - rate) steps from the start, no weight on the init. 'none': decay = rate from step 0.
+  training.ema_warmup = 'capped'
   training.log_every = 50         # Steps between metric logs (averages over the interval).
   training.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
   training.keep_checkpoints = 3   # Keep the latest this many checkpoints ...
