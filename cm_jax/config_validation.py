@@ -79,8 +79,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 < cc.sigma_min < cc.sigma_max, 'consistency.sigma_min',
            f'need 0 < sigma_min < sigma_max, got {cc.sigma_min}, {cc.sigma_max}.')
   _require(cc.sigma_data > 0 and cc.rho > 0, 'consistency.sigma_data', 'sigma_data and rho must be > 0.')
-  _require(cc.sigma_min < config.sampling.two_step_t < cc.sigma_max, 'sampling.two_step_t',
-           f'{config.sampling.two_step_t} must lie strictly between sigma_min and sigma_max.')
+  start_t = config.sampling.start_t
+  _require(start_t is None or cc.sigma_min < start_t <= cc.sigma_max, 'sampling.start_t',
+           f'{start_t} must be None (start at sigma_max) or lie in (sigma_min, sigma_max] = '
+           f'({cc.sigma_min}, {cc.sigma_max}].')
+  _require(start_t is None or config.loss.name != 'edm', 'sampling.start_t',
+           "is for consistency sampling; an EDM model (loss.name = 'edm') samples from sigma_max: leave it None.")
+  first = cc.sigma_max if start_t is None else start_t
+  _require(cc.sigma_min < config.sampling.two_step_t < first, 'sampling.two_step_t',
+           f'{config.sampling.two_step_t} must lie strictly between sigma_min and the first sampling time '
+           f'({"sampling.start_t" if start_t is not None else "sigma_max"} = {first}).')
 
   _require(1 <= lc.s0 <= lc.s1, 'loss.s0', f'need 1 <= s0 <= s1, got s0={lc.s0}, s1={lc.s1}.')
   if lc.schedule == 'adaptive':

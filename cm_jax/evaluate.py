@@ -307,15 +307,21 @@ def max_ternary_evaluations(lo: int, hi: int) -> int:
 
 def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
                          config: ml_collections.ConfigDict, points: int) -> dict:
-  """Ternary search of two-step sampling's intermediate time over the interior of a `points` Karras grid."""
+  """Ternary search of two-step sampling's intermediate time over the interior of a `points` Karras grid
+  (the points below sampling.start_t when that is set)."""
   cc = config.consistency
   if points < 3:
     raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
   grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
+  first = cc.sigma_max if config.sampling.start_t is None else config.sampling.start_t
+  lo = next((i for i in range(1, points - 1) if grid[i] < first), None)
+  if lo is None:
+    raise ValueError(f'No point of the {points}-point grid lies below sampling.start_t = {first:g}; raise '
+                     '--search_points.')
   evaluated: dict[int, dict] = {}
   # Each candidate samples and scores a full set (minutes): progress counts them towards the most the search
   # can need, an upper bound, as is the ETA (the search may stop sooner).
-  progress = progress_lib.Progress('Two-step search', total=max_ternary_evaluations(1, points - 2),
+  progress = progress_lib.Progress('Two-step search', total=max_ternary_evaluations(lo, points - 2),
                                    unit='candidates', total_is_upper_bound=True, enabled=jax.process_index() == 0)
 
   def metric_at(index: int) -> float:
@@ -327,7 +333,7 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
       progress.update(1)
     return evaluated[index][fd_key]
 
-  best = ternary_search(metric_at, 1, points - 2)
+  best = ternary_search(metric_at, lo, points - 2)
   progress.done()
   return {'grid_points': points, 'grid': 'Karras, descending (index 0 = sigma_max)', 'metric': fd_key,
           'best_index': best, 'best_t': evaluated[best]['t'], 'best': evaluated[best],
@@ -362,8 +368,10 @@ def evaluate(model: inference.LoadedModel, evaluator: Evaluator, samplers: Seque
     logging.info('%s: %s (%.0f s sampling, %.0f s scoring)', spec.describe(),
                  ', '.join(f'{k} {v:.4f}' for k, v in scores.items() if np.isscalar(v)), t1 - t0,
                  time.time() - t1)
-    results.append(dict(sampler=spec.name, steps=spec.steps, times=list(spec.times), description=spec.describe(),
-                        sampling_seconds=round(t1 - t0, 2), **scores))
+    start = {} if spec.name != 'consistency' else {
+        'start_t': model.config.consistency.sigma_max if spec.start_t is None else spec.start_t}
+    results.append(dict(sampler=spec.name, steps=spec.steps, times=list(spec.times), **start,
+                        description=spec.describe(), sampling_seconds=round(t1 - t0, 2), **scores))
     if first_samples is None:
       first_samples = samples
   protocol = dict(evaluator.protocol(num), sampling_seed=seed)
@@ -445,7 +453,8 @@ def eval_config(name: str) -> ml_collections.ConfigDict:
 
 def external_samples_main() -> None:
   """evaluate --samples=FILE.npz --dataset=NAME: scores another model's samples with cm_jax's evaluation."""
-  for name in ('steps', 'sampler', 'ts', 'ema', 'checkpoint_step', 'search_two_step', 'memorization', 'seed'):
+  for name in ('steps', 'sampler', 'ts', 'start_t', 'ema', 'checkpoint_step', 'search_two_step', 'memorization',
+               'seed'):
     if FLAGS[name].present:
       raise errors.UsageError(f'--{name} is for a workdir\'s model; --samples scores images as they are.')
   if FLAGS.crop < 0:
@@ -490,6 +499,8 @@ def define_flags() -> None:
                     'config.sampling.diffusion_steps for EDM models).')
   flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler'], 'Default: the model\'s own.')
   flags.DEFINE_list('ts', None, 'Intermediate times, for a single --steps value > 1 (default: the config\'s).')
+  flags.DEFINE_float('start_t', None, 'Consistency sampling\'s first time, in (sigma_min, sigma_max] (default: '
+                     'the run\'s sampling.start_t, else sigma_max).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('batch_size', 256, 'Samples per device call.')
   flags.DEFINE_string('ema', None, "Sampling EMA rate (default: the run's first), or 'online'.")
@@ -536,6 +547,8 @@ def main(argv):
     cli.check_writable_file(FLAGS.output, '--output')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
+  if FLAGS.start_t is not None:
+    config.sampling.start_t = FLAGS.start_t  # Checked with the samplers below.
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
                'cache_dir': FLAGS.cache_dir, 'reference_split': FLAGS.reference_split,
                'num_reference': FLAGS.num_reference}
@@ -555,7 +568,8 @@ def main(argv):
       raise errors.UsageError('--ts needs a single --steps value.')
     samplers = [inference.make_sampler(config, FLAGS.sampler, s, times) for s in step_counts]
   except ValueError as e:
-    raise errors.UsageError(str(e)) from e
+    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}' if 'start_t' in str(e) and FLAGS.start_t is not None
+                            else str(e)) from e
   evaluator = make_evaluator_on_all_processes(config)
   out = evaluate(model, evaluator, samplers, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                  search_points=FLAGS.search_points if FLAGS.search_two_step else 0, search_num=FLAGS.search_num,

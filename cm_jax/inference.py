@@ -40,14 +40,19 @@ LabelsArg = Union[None, int, Sequence[int], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """How to sample: 'consistency' (CM Algorithm 1 with intermediate `times`) or 'heun'/'euler' (EDM ODE)."""
+  """How to sample: 'consistency' (CM Algorithm 1 with intermediate `times`) or 'heun'/'euler' (EDM ODE).
+
+  start_t: consistency sampling's first time, x = start_t z and f(x, start_t) (None: consistency.sigma_max).
+  """
   name: str
   steps: int
   times: tuple[float, ...] = ()
+  start_t: Optional[float] = None
 
   def describe(self) -> str:
     if self.name == 'consistency':
-      return f'{self.steps}-step consistency sampling' + (f', times {self.times}' if self.times else '')
+      return (f'{self.steps}-step consistency sampling' + (f', times {self.times}' if self.times else '') +
+              (f', from t = {self.start_t:g}' if self.start_t is not None else ''))
     calls = 2 * self.steps - 1 if self.name == 'heun' else self.steps
     return f'EDM {self.name} sampler, {self.steps} steps ({calls} network calls)'
 
@@ -63,6 +68,9 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
     if ts_ is not None:
       raise ValueError('Intermediate times (--ts) are for consistency sampling; the EDM sampler uses the '
                        'Karras grid of --steps points.')
+    if config.sampling.start_t is not None:
+      raise ValueError('sampling.start_t (--start_t) is for consistency sampling; the EDM sampler starts at '
+                       'consistency.sigma_max.')
     steps = config.sampling.diffusion_steps if steps is None else steps
     if steps < 1:
       raise ValueError(f'steps must be >= 1, got {steps}.')
@@ -73,7 +81,14 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
                      f"{config.loss.name!r}); sample it with 'consistency' (the Heun and Euler samplers need an "
                      "EDM denoiser).")
   steps = 1 if steps is None else steps
-  return Sampler('consistency', int(steps), sampling_times(config, steps, ts_))
+  start_t = config.sampling.start_t
+  if start_t is not None:
+    start_t = float(start_t)
+    cc = config.consistency
+    if not cc.sigma_min < start_t <= cc.sigma_max:
+      raise ValueError(f'sampling.start_t = {start_t:g} must lie in (sigma_min, sigma_max] = '
+                       f'({cc.sigma_min:g}, {cc.sigma_max:g}].')
+  return Sampler('consistency', int(steps), sampling_times(config, steps, ts_), start_t)
 
 
 def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
@@ -100,8 +115,9 @@ def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHW
   z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
   if sampler.name == 'consistency':
     times = sampler.times if times is None else times
+    start_t = cc.sigma_max if sampler.start_t is None else sampler.start_t
     return sampling.multistep_sample(denoise_fn, z, noise, times, sigma_min=cc.sigma_min,
-                                     sigma_max=cc.sigma_max, clip=config.sampling.clip)
+                                     sigma_max=start_t, clip=config.sampling.clip)
   sigmas = karras.edm_sampling_sigmas(sampler.steps, cc.sigma_min, cc.sigma_max, cc.rho)
   return sampling.diffusion_sample(denoise_fn, z, sigmas, sampler.name, clip=config.sampling.clip)
 
@@ -120,7 +136,8 @@ def sampling_times(config: ml_collections.ConfigDict, steps: int,
       ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
   if len(ts_) != steps - 1:
     raise ValueError(f'{steps}-step sampling needs {steps - 1} intermediate times, got {len(ts_)}: {ts_}.')
-  return sampling.validate_times(ts_, cc.sigma_min, cc.sigma_max)
+  start_t = cc.sigma_max if config.sampling.start_t is None else float(config.sampling.start_t)
+  return sampling.validate_times(ts_, cc.sigma_min, start_t)
 
 
 @dataclasses.dataclass

@@ -41,6 +41,8 @@ def define_flags() -> None:
                     "Default: 'consistency' for consistency models, config.sampling.diffusion_solver for EDM ones.")
   flags.DEFINE_list('ts', None, 'Descending intermediate times, steps - 1 of them (default: for 2 steps '
                     'config.sampling.two_step_t, otherwise the interior of a Karras grid).')
+  flags.DEFINE_float('start_t', None, 'Consistency sampling\'s first time, in (sigma_min, sigma_max] (default: '
+                     'the run\'s sampling.start_t, else sigma_max).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('out', None, 'Output .npz path.', required=True)
   flags.DEFINE_string('ema', None, "Sampling EMA rate to use (default: the run's first), or 'online'.")
@@ -67,10 +69,13 @@ def main(argv):
   # Every sample is held in host memory (float32, then uint8) until the npz is written.
   cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
                            'lower --num, or sample in parts with different --seed values.')
+  if FLAGS.start_t is not None:
+    model.config.sampling.start_t = FLAGS.start_t  # Checked by make_sampler.
   try:
     spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
   except ValueError as e:
-    raise errors.UsageError(str(e)) from e
+    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}' if 'start_t' in str(e) and FLAGS.start_t is not None
+                            else str(e)) from e
   try:  # inference.resolve_labels checks the label against the model.
     labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
   except ValueError as e:

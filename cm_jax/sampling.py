@@ -31,12 +31,15 @@ def default_times(steps: int, sigma_min: float, sigma_max: float, rho: float) ->
 
 
 def validate_times(ts: Sequence[float], sigma_min: float, sigma_max: float) -> tuple[float, ...]:
-  """Checks that ts is strictly descending inside (sigma_min, sigma_max); returns it as a tuple of floats."""
+  """Checks that ts is strictly descending inside (sigma_min, sigma_max); returns it as a tuple of floats.
+
+  sigma_max: the time of sampling's first call (consistency.sigma_max, or sampling.start_t when set).
+  """
   ts = tuple(float(t) for t in ts)
   for t in ts:
     if not sigma_min < t < sigma_max:
       raise ValueError(f'Sampling time {t} is outside ({sigma_min}, {sigma_max}); each of --ts must lie '
-                       'strictly between sigma_min and sigma_max.')
+                       'strictly between sigma_min and the start time (sigma_max, or sampling.start_t).')
   if any(a <= b for a, b in zip(ts, ts[1:])):
     raise ValueError(f'Sampling times {ts} must be strictly descending.')
   return ts
@@ -44,7 +47,10 @@ def validate_times(ts: Sequence[float], sigma_min: float, sigma_max: float) -> t
 
 def multistep_sample(denoise_fn: DenoiseFn, z_BHWC: jax.Array, noise_KBHWC: jax.Array, ts: Sequence[float], *,
                      sigma_min: float, sigma_max: float, clip: bool = True) -> jax.Array:
-  """CM Algorithm 1. x = f(T z, T); for tau in ts: x = f(x + sqrt(tau^2 - eps^2) z_k, tau).
+  """CM Algorithm 1. x = f(T z, T); for tau in ts: x = f(x + sqrt(tau^2 - eps^2) z_k, tau), T = sigma_max.
+
+  sigma_max is the time of the first call: the noise level the run was trained up to, or a lower start
+  (config.sampling.start_t), where T z stands in for data + T z (the data's std is small against T).
 
   z_BHWC is the initial standard normal noise; noise_KBHWC holds one standard normal draw per entry of ts
   (K = len(ts); shape (0, ...) for one step). ts may be floats or a traced (K,) array (one compiled program

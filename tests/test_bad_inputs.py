@@ -112,6 +112,8 @@ def _cases():
       Case('sample_too_many', 'sample', [run, '--num=1000000000000', '--out={tmp}/o.npz'], 2, ('--num',)),
       Case('sample_times_out_of_range', 'sample', [run, '--steps=2', '--ts=500', '--num=4', '--out={tmp}/o.npz'],
            2, ('500',)),
+      Case('sample_start_t_out_of_range', 'sample', [run, '--start_t=500', '--num=4', '--out={tmp}/o.npz'],
+           2, ('--start_t=500', 'sigma_max')),
       # ----- editing: images, masks and npz files
       Case('edit_input_not_an_image', 'edit', [run, '--task=inpaint', '--input={tmp}/not_an_image.png',
                                                '--out={tmp}/edit'], 1, ('--input', 'not_an_image.png')),

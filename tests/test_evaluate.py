@@ -247,6 +247,7 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   with open(tmp_path / 'e.json') as f:
     assert json.load(f) == out
   assert [r['steps'] for r in out['results']] == [1, 2]
+  assert [r['start_t'] for r in out['results']] == [80.0, 80.0]  # sigma_max: the config sets no start_t.
   assert all(np.isfinite(r['classifier_fd']) and 0 <= r['precision'] <= 1 for r in out['results'])
   protocol = out['protocol']
   assert protocol['num_samples'] == 12 and protocol['reference']['split'] == 'test'

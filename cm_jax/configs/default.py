@@ -195,6 +195,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------------------------------------
   sampling = config.sampling = ml_collections.ConfigDict()
   sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default).
+  # Time of consistency sampling's first network call, x = start_t z, f(x, start_t) (None: consistency.sigma_max,
+  # CM Algorithm 1). A lower start treats start_t z as data + start_t z: the data's std (0.5-0.7) is small
+  # against it, and iCT's lognormal noise density is ~2.5x higher at 40 than at 80. Not for EDM models.
+  sampling.start_t = ml_collections.config_dict.placeholder(float)
   sampling.clip = True            # Consistency sampling: clip each denoised x0 to [-1, 1] between steps (as the
                                   # official code). EDM sampling: clip only the final image.
   # Models trained with loss.name = 'edm' are sampled with the EDM ODE sampler instead:
