@@ -19,4 +19,5 @@ def get_config():
   config.loss.target = 'ema'
   config.loss.mu0 = 0.9
   config.loss.mu_variant = 'paper'
+  config.sampling.start_t = None  # Sample from sigma_max: the iCT config's start time was measured for iCT only.
   return config
