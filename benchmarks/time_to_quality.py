@@ -14,7 +14,8 @@ For each budget (minutes), in order:
    may use the stage's step count in braces, e.g. `--config.loss.ect_stage_steps={num_steps//5}` (max, min,
    int and round are at hand). Each stage's `training.num_steps` is sized from its measured step time:
    `benchmarks/train_step.py` times the compiled step (not counted in the budget), then
-   num_steps = (fraction x budget - overhead_s) / (step_s x loop_factor). `overhead_s` (process start, data loading, compilation, sample grids, checkpoints) and
+   num_steps = (fraction x budget - overhead_s) / (step_s x loop_factor). `overhead_s` (process start, data
+   loading, compilation, sample grids, checkpoints) and
    `loop_factor` (data and logging inside the loop) default to what a 10-minute Fashion-MNIST run measured on
    a 2-core CPU; the record says how long each stage really took (`wall_s`, the whole process) against its
    share of the budget, so a sizing that missed is visible, not hidden. Sample grids and checkpoints are

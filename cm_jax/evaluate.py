@@ -313,7 +313,7 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
   if points < 3:
     raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
   grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
-  first = cc.sigma_max if config.sampling.start_t is None else config.sampling.start_t
+  first = inference.start_time(config)
   lo = next((i for i in range(1, points - 1) if grid[i] < first), None)
   if lo is None:
     raise ValueError(f'No point of the {points}-point grid lies below sampling.start_t = {first:g}; raise '
@@ -547,8 +547,10 @@ def main(argv):
     cli.check_writable_file(FLAGS.output, '--output')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
-  if FLAGS.start_t is not None:
-    config.sampling.start_t = FLAGS.start_t  # Checked with the samplers below.
+  try:  # Before config_validation, so that a bad value is reported as the flag's.
+    inference.set_start_time(config, FLAGS.start_t)
+  except ValueError as e:
+    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
                'cache_dir': FLAGS.cache_dir, 'reference_split': FLAGS.reference_split,
                'num_reference': FLAGS.num_reference}
@@ -568,8 +570,7 @@ def main(argv):
       raise errors.UsageError('--ts needs a single --steps value.')
     samplers = [inference.make_sampler(config, FLAGS.sampler, s, times) for s in step_counts]
   except ValueError as e:
-    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}' if 'start_t' in str(e) and FLAGS.start_t is not None
-                            else str(e)) from e
+    raise errors.UsageError(str(e)) from e
   evaluator = make_evaluator_on_all_processes(config)
   out = evaluate(model, evaluator, samplers, FLAGS.num, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                  search_points=FLAGS.search_points if FLAGS.search_two_step else 0, search_num=FLAGS.search_num,

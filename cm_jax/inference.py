@@ -81,14 +81,28 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
                      f"{config.loss.name!r}); sample it with 'consistency' (the Heun and Euler samplers need an "
                      "EDM denoiser).")
   steps = 1 if steps is None else steps
-  start_t = config.sampling.start_t
-  if start_t is not None:
-    start_t = float(start_t)
-    cc = config.consistency
-    if not cc.sigma_min < start_t <= cc.sigma_max:
-      raise ValueError(f'sampling.start_t = {start_t:g} must lie in (sigma_min, sigma_max] = '
-                       f'({cc.sigma_min:g}, {cc.sigma_max:g}].')
+  start_t = None if config.sampling.start_t is None else start_time(config)
   return Sampler('consistency', int(steps), sampling_times(config, steps, ts_), start_t)
+
+
+def start_time(config: ml_collections.ConfigDict) -> float:
+  """Consistency sampling's first time: sampling.start_t (checked to lie in (sigma_min, sigma_max]), else
+  consistency.sigma_max."""
+  cc = config.consistency
+  if config.sampling.start_t is None:
+    return float(cc.sigma_max)
+  start_t = float(config.sampling.start_t)
+  if not cc.sigma_min < start_t <= cc.sigma_max:
+    raise ValueError(f'sampling.start_t = {start_t:g} must lie in (sigma_min, sigma_max] = '
+                     f'({cc.sigma_min:g}, {cc.sigma_max:g}].')
+  return start_t
+
+
+def set_start_time(config: ml_collections.ConfigDict, start_t: Optional[float]) -> None:
+  """Sets config.sampling.start_t (the --start_t of the CLIs; None keeps the run's) and checks it."""
+  if start_t is not None:
+    config.sampling.start_t = start_t
+    start_time(config)
 
 
 def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
@@ -136,8 +150,7 @@ def sampling_times(config: ml_collections.ConfigDict, steps: int,
       ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
   if len(ts_) != steps - 1:
     raise ValueError(f'{steps}-step sampling needs {steps - 1} intermediate times, got {len(ts_)}: {ts_}.')
-  start_t = cc.sigma_max if config.sampling.start_t is None else float(config.sampling.start_t)
-  return sampling.validate_times(ts_, cc.sigma_min, start_t)
+  return sampling.validate_times(ts_, cc.sigma_min, start_time(config))
 
 
 @dataclasses.dataclass

@@ -69,13 +69,14 @@ def main(argv):
   # Every sample is held in host memory (float32, then uint8) until the npz is written.
   cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
                            'lower --num, or sample in parts with different --seed values.')
-  if FLAGS.start_t is not None:
-    model.config.sampling.start_t = FLAGS.start_t  # Checked by make_sampler.
+  try:
+    inference.set_start_time(model.config, FLAGS.start_t)
+  except ValueError as e:
+    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
   try:
     spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
   except ValueError as e:
-    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}' if 'start_t' in str(e) and FLAGS.start_t is not None
-                            else str(e)) from e
+    raise errors.UsageError(str(e)) from e
   try:  # inference.resolve_labels checks the label against the model.
     labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
   except ValueError as e:

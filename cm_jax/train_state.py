@@ -107,7 +107,7 @@ def ema_decay(rate: float, step, warmup: str):
   if warmup == 'capped':
     return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
   if warmup == 'debias':
-    # expm1/log1p keep 1 - rate^k accurate for rates close to 1 (rate^k = exp(k log rate)).
+    # expm1 keeps 1 - rate^k = -expm1(k log rate) accurate for rates close to 1.
     log_rate = jnp.log(rate)
     return jnp.where(k == 0, 0.0, rate * jnp.expm1(k * log_rate) / jnp.expm1((k + 1.0) * log_rate))
   raise ValueError(f"training.ema_warmup: {warmup!r} is not one of ['capped', 'debias', 'none'].")
