@@ -24,8 +24,9 @@ rates 0.998 / 0.999 / 0.9995 / 0.9998 / 0.9999 (best 0.9995: 51.2-54.7 over two 
 default's capped warm-up) scored no better.
 
 Earlier choices for the short budget (benchmarks/pixel_fd.py, a pixel-space proxy): Adam at lr 1e-3 beat
-5e-4; the iCT curriculum stops at s1 = 160 (five stages: N = 11, 21, 41, 81, 161) instead of 1280; no
-dropout; one sampling EMA 0.999 with warm-up.
+5e-4; the iCT curriculum stops at s1 = 160 (five stages: N = 11, 21, 41, 81, 161) instead of 1280 (at 30 minutes
+s1 = 80 scored 63.6 one-step, s1 = 320 50.4, level with 160; benchmarks/README.md); no dropout; one sampling
+EMA 0.999 with warm-up.
 On a GPU, scale up through the config: ch 64-128, batch 128-512, s1 1280, more steps, dropout 0.1-0.3.
 """
 
