@@ -547,10 +547,6 @@ def main(argv):
     cli.check_writable_file(FLAGS.output, '--output')
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
-  try:  # Before config_validation, so that a bad value is reported as the flag's.
-    inference.set_start_time(config, FLAGS.start_t)
-  except ValueError as e:
-    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
                'cache_dir': FLAGS.cache_dir, 'reference_split': FLAGS.reference_split,
                'num_reference': FLAGS.num_reference}
@@ -558,6 +554,10 @@ def main(argv):
     if value is not None:
       config.evaluation[key] = value
   config_validation.validate(config)
+  try:  # After config_validation: the run's two_step_t need not lie below --start_t unless two steps use it.
+    inference.set_start_time(config, FLAGS.start_t)
+  except ValueError as e:
+    raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
   if jax.process_index() == 0:  # Classifiers and reference features are cached there.
     cli.check_writable_dir(classifier_lib.cache_dir(config), '--cache_dir' if FLAGS.cache_dir else
                            'the evaluation cache (evaluation.cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax)')

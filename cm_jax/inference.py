@@ -146,6 +146,10 @@ def sampling_times(config: ml_collections.ConfigDict, steps: int,
   if ts_ is None:
     if steps == 2:
       ts_ = (config.sampling.two_step_t,)
+      first = start_time(config)
+      if not cc.sigma_min < ts_[0] < first:  # E.g. a --start_t below the run's two-step time.
+        raise ValueError(f'sampling.two_step_t = {ts_[0]:g} does not lie in (sigma_min, start time) = '
+                         f'({cc.sigma_min:g}, {first:g}); give two-step sampling\'s time with --ts.')
     else:
       ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
   if len(ts_) != steps - 1:

@@ -150,6 +150,8 @@ def _cases():
       Case('evaluate_output_unwritable', 'evaluate', [run, '--num=8', '--output={tmp}/a_file/x.json'], 1,
            ('--output', 'a_file')),
       Case('evaluate_num_zero', 'evaluate', [run, '--num=0'], 2, ('--num',)),
+      Case('evaluate_start_t_below_two_step_t', 'evaluate', [run, '--start_t=1', '--steps=2', '--num=4'], 2,
+           ('sampling.two_step_t', '--ts')),
   ]
 
 

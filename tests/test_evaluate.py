@@ -260,6 +260,11 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   assert 1 <= search['best_index'] <= 4 and search['best_t'] in [e['t'] for e in search['evaluated']]
   assert out['memorization']['num_train'] == 60000 and out['memorization']['num_samples'] == 12
   assert 'Training the fashion_mnist feature classifier' in result.stderr
+  # --start_t below the run's two-step time: one step is fine (the two-step time is not used).
+  result = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--num=6', '--steps=1', '--start_t=1',
+                      f'--cache_dir={tmp_path}/cache', '--num_reference=200')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [r['start_t'] for r in json.loads(result.stdout)['results']] == [1.0]
   bad = run_module('cm_jax.evaluate', f'--workdir={tmp_path}/run', '--steps=1,2', '--ts=1.0')
   assert bad.returncode != 0 and '--ts needs a single --steps value' in bad.stderr
   assert all(len(r['class_fractions']) == 10 and 0 <= r['class_balance_tv'] <= 0.9 for r in out['results'])

@@ -64,6 +64,10 @@ def test_start_t_is_checked():
     inference.make_sampler(config_with(0.001), steps=1)  # Below sigma_min.
   with pytest.raises(ValueError, match='outside'):
     inference.make_sampler(config_with(5.0), steps=2, ts_=(10.0,))  # An intermediate time above the start.
+  with pytest.raises(ValueError, match='sampling.two_step_t = 2 does not lie'):  # The default time above it.
+    inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=2)
+  assert inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=2, ts_=(0.5,)).times == (0.5,)
+  assert inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=1).start_t == 1.0
   edm = config_with(40.0)
   edm.loss.name = 'edm'
   with pytest.raises(ValueError, match='start_t'):
