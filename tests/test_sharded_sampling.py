@@ -97,10 +97,13 @@ def test_same_images_on_one_device_and_on_all(loss, sampler, steps):
   assert np.std(sharded) > 1e-2 and not np.allclose(sharded[0], sharded[1])  # Real, distinct images.
   # One device in batches of 3 runs the per-device program of the sharded run: the same bits.
   np.testing.assert_array_equal(samples(one, params, spec, batch_size=3), sharded)
-  # One device, one batch of 5: another shape, so only float rounding may differ.
-  np.testing.assert_allclose(samples(one, params, spec, batch_size=5), sharded, rtol=0, atol=1e-6)
+  # One device, one batch of 5: another shape, so only float rounding may differ. Heun's states reach
+  # |x| ~ 80 * 4 and pass through three network calls: an AVX-512 EPYC differed there by 1.5e-4 (a mixed-up
+  # sample differs by ~1); consistency sampling stayed within 1e-6.
+  atol = 1e-3 if sampler == 'heun' else 1e-6
+  np.testing.assert_allclose(samples(one, params, spec, batch_size=5), sharded, rtol=0, atol=atol)
   # Sample i depends only on (seed, i, label i), not on the batch it is in (1 row per device here).
-  np.testing.assert_allclose(samples(every, params, spec, batch_size=2, num=3), sharded[:3], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(samples(every, params, spec, batch_size=2, num=3), sharded[:3], rtol=0, atol=atol)
 
 
 def test_each_device_computes_only_its_rows():
