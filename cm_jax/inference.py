@@ -143,18 +143,22 @@ def sampling_times(config: ml_collections.ConfigDict, steps: int,
   Two steps default to config.sampling.two_step_t; other counts to the interior of a Karras grid.
   """
   cc = config.consistency
-  if ts_ is None:
-    if steps == 2:
-      ts_ = (config.sampling.two_step_t,)
-      first = start_time(config)
-      if not cc.sigma_min < ts_[0] < first:  # E.g. a --start_t below the run's two-step time.
-        raise ValueError(f'sampling.two_step_t = {ts_[0]:g} does not lie in (sigma_min, start time) = '
-                         f'({cc.sigma_min:g}, {first:g}); give two-step sampling\'s time with --ts.')
-    else:
-      ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
+  two_step_default = ts_ is None and steps == 2
+  if two_step_default:
+    ts_ = (config.sampling.two_step_t,)
+  elif ts_ is None:
+    ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
   if len(ts_) != steps - 1:
     raise ValueError(f'{steps}-step sampling needs {steps - 1} intermediate times, got {len(ts_)}: {ts_}.')
-  return sampling.validate_times(ts_, cc.sigma_min, start_time(config))
+  first = start_time(config)
+  try:
+    return sampling.validate_times(ts_, cc.sigma_min, first)
+  except ValueError as e:
+    if not two_step_default:
+      raise
+    # E.g. a --start_t below the run's two-step time: name the config field, not --ts.
+    raise ValueError(f'sampling.two_step_t = {ts_[0]:g} does not lie in (sigma_min, start time) = '
+                     f'({cc.sigma_min:g}, {first:g}); give two-step sampling\'s time with --ts.') from e
 
 
 @dataclasses.dataclass
