@@ -257,3 +257,45 @@ def test_patch_size_1_keeps_the_parameter_tree_and_a_patch_model_maps_images_to_
   np.testing.assert_array_equal(out_zeroed[:, 1::2, 1::2, 0], 0.0)
   np.testing.assert_array_equal(out_zeroed[:, 0::2, :, 0], np.asarray(out)[:, 0::2, :, 0])
   np.testing.assert_array_equal(out_zeroed[:, :, 0::2, 0], np.asarray(out)[:, :, 0::2, 0])
+
+
+# ----------------------------------------------------------------------------- GroupNorm.
+@pytest.mark.parametrize('shape,groups,dtype', [((3, 6, 6, 16), 8, jnp.float32), ((2, 5, 7, 12), 3, jnp.float32),
+                                                ((2, 4, 4, 8), 8, jnp.float32), ((2, 6, 6, 16), 4, jnp.bfloat16)])
+def test_group_norm_matches_flax_group_norm_in_value_gradient_and_parameters(shape, groups, dtype):
+  """cm_jax's GroupNorm reduces per channel first (a CPU speed-up): the same parameters and maths as flax's."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from cm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(3.0 * np.sin(np.arange(math.prod(shape)) * 0.7).reshape(shape) + 1.5, dtype)
+  ours, theirs = unet.GroupNorm(groups, dtype=dtype), nn.GroupNorm(num_groups=groups, dtype=dtype)
+  shapes_ours = jax.eval_shape(ours.init, jax.random.PRNGKey(0), x)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes_ours) == jax.tree.map(
+      lambda s: (s.shape, s.dtype), jax.eval_shape(theirs.init, jax.random.PRNGKey(0), x))
+  params = {'params': {'scale': jnp.linspace(0.5, 2.0, shape[-1]), 'bias': jnp.linspace(-1.0, 1.0, shape[-1])}}
+  weights = jnp.asarray(np.cos(np.arange(math.prod(shape)) * 0.3).reshape(shape), jnp.float32)
+
+  def loss(module):
+    return lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32) * weights)
+
+  y_ours, y_theirs = ours.apply(params, x), theirs.apply(params, x)
+  assert y_ours.dtype == y_theirs.dtype == dtype
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_theirs, np.float32), **tol)
+  grads_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  grads_theirs = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  for g_ours, g_theirs in zip(jax.tree.leaves(grads_ours), jax.tree.leaves(grads_theirs)):
+    np.testing.assert_allclose(np.asarray(g_ours, np.float32), np.asarray(g_theirs, np.float32),
+                               **(tol if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
+  # Normalised per (example, group): with unit scale and zero bias each group has mean 0 and variance ~1.
+  unit = {'params': {'scale': jnp.ones(shape[-1]), 'bias': jnp.zeros(shape[-1])}}
+  plain = unet.GroupNorm(groups).apply(unit, x.astype(jnp.float32))
+  grouped = np.asarray(plain).reshape(shape[0], -1, groups, shape[-1] // groups).transpose(0, 2, 1, 3)
+  grouped = grouped.reshape(shape[0], groups, -1)
+  np.testing.assert_allclose(grouped.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(grouped.var(-1), 1.0, rtol=1e-3)
+
+
+def test_group_norm_names_the_config_field_when_groups_do_not_divide_the_channels():
+  from cm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r'config.model.num_groups = 3 does not divide the 8 channels'):
+    jax.eval_shape(unet.GroupNorm(3).init, jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 8)))
