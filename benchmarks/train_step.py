@@ -311,6 +311,7 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
       'batch_size': tc.batch_size,
       'image_shape': list(image_shape),
       'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params)),
+      'model': config.model.to_dict(),
       'images_per_s': significant(tc.batch_size / step_s),
       'step_s': significant(step_s),
       'step_s_min': significant(min(times)),

@@ -142,6 +142,7 @@ def test_tiny_config_both_precisions_class_conditional(light_site):
   for record in lines:
     check_record(record, precision=record['precision'], batch_size=8)
     assert record['config'] == 'configs/test.py' and record['loss'] == 'ct' and record['steps'] == 2
+    assert record['model']['class_conditional'] is True and record['model']['ch_mult'] == [1, 2]
 
 
 def test_sweep_of_distillation_with_overrides(light_site):

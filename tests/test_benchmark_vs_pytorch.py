@@ -55,3 +55,39 @@ def test_a_missing_torch_python_is_one_error_line(tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
       'vs_pytorch.py: error: --torch_python /nonexistent/python does not exist.')
+
+
+FAKE_SAME_NETWORK = textwrap.dedent('''
+    import json, sys
+    print(json.dumps({"model": "cm_jax UNet in PyTorch", "argv": sys.argv[1:], "batch": 4, "flops_per_step": 1e9,
+                      "step_s": 0.5, "flops_per_s": 2.0e9, "images_per_s": 8.0}))
+''')
+
+
+def test_same_network_rebuilds_each_configs_network_and_batch_in_pytorch(tmp_path):
+  script = tmp_path / 'same.py'
+  script.write_text(FAKE_SAME_NETWORK)
+  out = run(tmp_path, '--rounds=1', '--steps=1', '--same_network', f'--same_network_script={script}',
+            '--configs=configs/test.py|--config.model.attn_resolutions=(4,)|--config.training.batch_size=4')
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [r.get('side') for r in records[:-1]] == ['pytorch'] * 3 + ['cm_jax', 'pytorch_same_network']
+  jax_record, same = records[3], records[4]
+  model = jax_record['model']
+  assert same['argv'] == [f'--ch={model["ch"]}', '--ch_mult=' + ','.join(map(str, model['ch_mult'])),
+                          f'--num_res_blocks={model["num_res_blocks"]}', '--attn=4',
+                          f'--groups={model["num_groups"]}', '--size=28', '--bs=4']
+  entry = records[-1]['cm_jax'][0]
+  assert entry['same_network_flops_per_s'] == 2.0e9 and entry['same_network_images_per_s'] == 8.0
+  assert entry['ratio_to_same_network'] == round(jax_record['flops_per_s'] / 2.0e9, 3)
+
+
+def test_same_network_refuses_a_network_it_does_not_rebuild_in_one_line(tmp_path):
+  script = tmp_path / 'same.py'
+  script.write_text(FAKE_SAME_NETWORK)
+  out = run(tmp_path, '--rounds=1', '--steps=1', '--same_network', f'--same_network_script={script}',
+            '--configs=configs/test.py|--config.model.patch_size=2')
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      'vs_pytorch.py: error: configs/test.py|--config.model.patch_size=2: --same_network rebuilds only the plain '
+      'UNet: config.model.patch_size = 2 (it needs 1).')
