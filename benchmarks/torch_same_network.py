@@ -11,8 +11,9 @@ and attention only, as in the reference's `--bench`).
 
 Run it in the PyTorch venv (PyTorch is not a cm_jax dependency):
   /tmp/venv-torch/bin/python benchmarks/torch_same_network.py --ch=16 --ch_mult=1,2,4 --attn=7 --bs=32
-Prints one JSON line: model, batch, threads, params, flops_per_step, step_s (median of --steps after two
-warm-up steps), flops_per_s, images_per_s. The defaults are configs/fashion_mnist_ct.py's network and batch.
+Prints one JSON line per memory format (`contiguous_format`, i.e. NCHW, then `channels_last`, NHWC like cm_jax):
+model, memory_format, batch, threads, params, flops_per_step, step_s (median of --steps after two warm-up
+steps), flops_per_s, images_per_s. The defaults are configs/fashion_mnist_ct.py's network and batch.
 """
 import argparse
 import json
@@ -115,15 +116,22 @@ def main():
   ap.add_argument('--bs', type=int, default=32)
   ap.add_argument('--steps', type=int, default=10)
   a = ap.parse_args()
-  torch.manual_seed(0)
   ch_mult = tuple(int(m) for m in a.ch_mult.split(','))
   attn = tuple(int(r) for r in a.attn.split(',') if r)
-  net = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size)
-  target = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size)
+  for memory_format in ('contiguous_format', 'channels_last'):
+    print(json.dumps(measure(a, ch_mult, attn, memory_format)), flush=True)
+
+
+def measure(a, ch_mult, attn, memory_format):
+  """Times the CT step with activations and weights in `memory_format` (NCHW or NHWC in memory)."""
+  torch.manual_seed(0)
+  fmt = getattr(torch, memory_format)
+  net = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size).to(memory_format=fmt)
+  target = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size).to(memory_format=fmt)
   target.load_state_dict(net.state_dict())
   target.requires_grad_(False)
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-  x = torch.rand(a.bs, 1, a.size, a.size) * 2 - 1
+  x = (torch.rand(a.bs, 1, a.size, a.size) * 2 - 1).contiguous(memory_format=fmt)
 
   def step():
     z = torch.randn_like(x)
@@ -146,12 +154,12 @@ def main():
     step()
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  print(json.dumps({
+  return {
       'model': f'cm_jax UNet in PyTorch: ch {a.ch}, ch_mult {a.ch_mult}, {a.num_res_blocks} blocks, attention at '
                f'{a.attn or "none"}, {a.size}x{a.size}, CT step',
-      'batch': a.bs, 'threads': torch.get_num_threads(), 'params': sum(p.numel() for p in net.parameters()),
-      'flops_per_step': flops, 'step_s': round(step_s, 4), 'flops_per_s': flops / step_s,
-      'images_per_s': round(a.bs / step_s, 1)}))
+      'memory_format': memory_format, 'batch': a.bs, 'threads': torch.get_num_threads(),
+      'params': sum(p.numel() for p in net.parameters()), 'flops_per_step': flops, 'step_s': round(step_s, 4),
+      'flops_per_s': flops / step_s, 'images_per_s': round(a.bs / step_s, 1)}
 
 
 if __name__ == '__main__':

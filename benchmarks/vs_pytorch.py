@@ -16,10 +16,11 @@ FLOPs are counted differently: PyTorch's torch.utils.flop_counter counts matmuls
 XLA's cost analysis also counts element-wise work (a few percent for these networks).
 With `--same_network`, each config's network is also rebuilt in PyTorch and timed right after its cm_jax run
 (`benchmarks/torch_same_network.py`, in the torch venv; the config's model fields and batch size from
-train_step.py's record): PyTorch's speed on the same layer sizes, next to its speed on its own wider
-networks. Its records have `side` `pytorch_same_network`; the summary adds `same_network_flops_per_s` and
-`ratio_to_same_network` per config. Only what that script rebuilds is accepted (plain UNet: patch_size 1,
-no scale-shift, BigGAN up/down, class conditioning or multi-head attention); another config is one error line.
+train_step.py's record; the faster of its two memory formats): PyTorch's speed on the same layer sizes, next
+to its speed on its own wider networks. Its records have `side` `pytorch_same_network`; the summary adds
+`same_network_flops_per_s` and `ratio_to_same_network` per config. Only what that script rebuilds is accepted
+(plain UNet: patch_size 1, no scale-shift, BigGAN up/down, class conditioning or multi-head attention);
+another config is one error line.
 `--configs` is a ';'-separated list; a config is `path` or `path|--config.a=1|--config.b=(1,2)` (its overrides
 separated by '|').
 """
