@@ -17,7 +17,7 @@ sampling.start_t = 40; 65.5 at seed 0 with sigma_data 0.5), two steps at t = 2.0
 against 50.0 for the PyTorch reference (a 2.7M-parameter diffusers UNet trained as an EDM denoiser for the
 same 30 minutes on the same machine, 35-call Heun sampling). On a 2-core AMD EPYC (Zen 4), where 30 minutes
 gave cm_jax 6451 steps and the reference 841 (1281 on the Xeon): one step 60.7, two steps 48.4, the reference
-70.7; at 10 minutes 107.7, 99.7 and 155.7. Two-step time t = 2.0 from
+70.7; at 10 minutes 107.7, 99.7 and 155.7; at 60 minutes (15286 steps) 51.5 and 42.6. Two-step time t = 2.0 from
 `evaluate --search_two_step` (Karras-18 index 9, t = 1.92; t = 5.0 scored 46.1, the best t for sigma_data
 0.5 is not the best for 0.71). Start time: 30, 40, 50 and 60 scored alike at seed 0 (48.3-48.9 one-step),
 20 worse (51.5), 10 much worse (67.6). Cosine lr decay (61-66 one-step), p_mean -0.75 (54-56), lr 2e-3
