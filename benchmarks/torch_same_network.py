@@ -56,7 +56,7 @@ class AttnBlock(nn.Module):
 class UNet(nn.Module):
   def __init__(self, ch, ch_mult, num_res_blocks, attn, groups, size, in_ch=1):
     super().__init__()
-    self.ch, self.attn_res = ch, set(attn)
+    self.attn_res = set(attn)
     self.freqs = nn.Parameter(torch.randn(ch // 2) * 0.02, requires_grad=False)
     self.temb = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
     self.stem = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -92,10 +92,10 @@ class UNet(nn.Module):
     skips = [h]
     for layer in self.down:
       h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
-      if not isinstance(layer, AttnBlock):
+      if isinstance(layer, AttnBlock):
+        skips[-1] = h  # Attention follows a residual block: its output replaces that block's skip.
+      else:
         skips.append(h)
-      elif skips:
-        skips[-1] = h
     h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
     for layer in self.up:
       if isinstance(layer, ResBlock):
@@ -105,29 +105,35 @@ class UNet(nn.Module):
     return self.out(h)
 
 
+def int_list(text):
+  """'1,2,4' -> (1, 2, 4); '' -> (); an argparse type, so a bad value is one usage error, not a traceback."""
+  try:
+    return tuple(int(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of integers') from None
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--ch', type=int, default=16)
-  ap.add_argument('--ch_mult', default='1,2,4')
+  ap.add_argument('--ch_mult', type=int_list, default='1,2,4')
   ap.add_argument('--num_res_blocks', type=int, default=1)
-  ap.add_argument('--attn', default='7', help='comma-separated resolutions with attention ("" for none)')
+  ap.add_argument('--attn', type=int_list, default='7', help='comma-separated resolutions with attention ("" for none)')
   ap.add_argument('--groups', type=int, default=8)
   ap.add_argument('--size', type=int, default=28)
   ap.add_argument('--bs', type=int, default=32)
   ap.add_argument('--steps', type=int, default=10)
   a = ap.parse_args()
-  ch_mult = tuple(int(m) for m in a.ch_mult.split(','))
-  attn = tuple(int(r) for r in a.attn.split(',') if r)
   for memory_format in ('contiguous_format', 'channels_last'):
-    print(json.dumps(measure(a, ch_mult, attn, memory_format)), flush=True)
+    print(json.dumps(measure(a, memory_format)), flush=True)
 
 
-def measure(a, ch_mult, attn, memory_format):
+def measure(a, memory_format):
   """Times the CT step with activations and weights in `memory_format` (NCHW or NHWC in memory)."""
   torch.manual_seed(0)
   fmt = getattr(torch, memory_format)
-  net = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size).to(memory_format=fmt)
-  target = UNet(a.ch, ch_mult, a.num_res_blocks, attn, a.groups, a.size).to(memory_format=fmt)
+  net = UNet(a.ch, a.ch_mult, a.num_res_blocks, a.attn, a.groups, a.size).to(memory_format=fmt)
+  target = UNet(a.ch, a.ch_mult, a.num_res_blocks, a.attn, a.groups, a.size).to(memory_format=fmt)
   target.load_state_dict(net.state_dict())
   target.requires_grad_(False)
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -155,8 +161,8 @@ def measure(a, ch_mult, attn, memory_format):
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   return {
-      'model': f'cm_jax UNet in PyTorch: ch {a.ch}, ch_mult {a.ch_mult}, {a.num_res_blocks} blocks, attention at '
-               f'{a.attn or "none"}, {a.size}x{a.size}, CT step',
+      'model': f'cm_jax UNet in PyTorch: ch {a.ch}, ch_mult {",".join(map(str, a.ch_mult))}, {a.num_res_blocks} '
+               f'blocks, attention at {",".join(map(str, a.attn)) or "none"}, {a.size}x{a.size}, CT step',
       'memory_format': memory_format, 'batch': a.bs, 'threads': torch.get_num_threads(),
       'params': sum(p.numel() for p in net.parameters()), 'flops_per_step': flops, 'step_s': round(step_s, 4),
       'flops_per_s': flops / step_s, 'images_per_s': round(a.bs / step_s, 1)}
