@@ -29,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
-from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top
+from cm_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
 from machine import cpu_model  # pylint: disable=g-import-not-at-top  (benchmarks/machine.py)
 
 XLA_NOTE = xla_flags.apply()  # The CLIs' XLA CPU settings, before any computation.

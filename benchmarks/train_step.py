@@ -50,13 +50,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disa
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from cm_jax import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
-from cm_jax import losses  # pylint: disable=g-import-not-at-top
+from cm_jax.core import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
+from cm_jax.core import losses  # pylint: disable=g-import-not-at-top
 from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 from cm_jax.train_step import train_step  # pylint: disable=g-import-not-at-top
-from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top
+from cm_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
 
-XLA_NOTE = xla_flags.apply()  # Training's XLA CPU settings (cm_jax/xla_flags.py), before any computation.
+XLA_NOTE = xla_flags.apply()  # Training's XLA CPU settings (cm_jax/runtime/xla_flags.py), before any computation.
 
 DEFAULT_CONFIG = 'configs/fashion_mnist_ct.py'
 PRECISIONS = {'float32': 'float32', 'fp32': 'float32', 'f32': 'float32',

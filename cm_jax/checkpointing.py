@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cm_jax import errors
-from cm_jax import multihost
-from cm_jax import paths
-from cm_jax import sharding
+from cm_jax.runtime import errors
+from cm_jax.runtime import multihost
+from cm_jax.runtime import paths
+from cm_jax.runtime import sharding
 from cm_jax.configs import default as default_config
 
 CHECKPOINT_SUBDIR = 'checkpoints'

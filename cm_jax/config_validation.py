@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from cm_jax import errors
+from cm_jax.runtime import errors
 from cm_jax import input_pipeline
 from cm_jax.input_pipeline import MNIST_FAMILY
 

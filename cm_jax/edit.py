@@ -30,17 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cm_jax import cli
-from cm_jax import editing
-from cm_jax import errors
-from cm_jax import images as images_lib
+from cm_jax.runtime import cli
+from cm_jax.core import editing
+from cm_jax.runtime import errors
+from cm_jax.runtime import images as images_lib
 from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax import multihost
-from cm_jax import paths
-from cm_jax import progress as progress_lib
-from cm_jax import sampling
-from cm_jax import sharding
+from cm_jax.runtime import multihost
+from cm_jax.runtime import paths
+from cm_jax.runtime import progress as progress_lib
+from cm_jax.core import sampling
+from cm_jax.runtime import sharding
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +61,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('factor', 2, 'superres: patch size p (the low resolution is H/p x W/p).')
   flags.DEFINE_float('sigma', 0.5, 'denoise: std of the Gaussian noise added to the clean images.')
   flags.DEFINE_list('ts', None, 'Descending times t_1 > ... > t_N in (sigma_min, sigma_max] for inpaint, '
-                    'colorize, superres and stroke (default: see cm_jax/editing.py).')
+                    'colorize, superres and stroke (default: see cm_jax/core/editing.py).')
   flags.DEFINE_integer('seed', 0, 'Seed of the editing noise (and of the noise of --task=denoise).')
   flags.DEFINE_integer('num', 16, 'Images to edit (the first --num of --input), or noise pairs to interpolate.')
   flags.DEFINE_integer('alphas', 8, 'interpolate: points from z1 (alpha 0) to z2 (alpha 1).')

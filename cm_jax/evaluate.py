@@ -10,10 +10,10 @@ class equally often). --samples scores images made elsewhere (uint8 NHWC in an .
 reference's) against --dataset's reference set, with the same feature network and cache.
 
 Feature networks (config.evaluation.feature_net, or --feature_net):
-  * 'inception': the 2015-12-05 Inception graph of published FIDs (cm_jax/inception.py); keys 'fid' and
+  * 'inception': the 2015-12-05 Inception graph of published FIDs (cm_jax/evaluation/inception.py); keys 'fid' and
     'inception_score'. Published CIFAR-10 FIDs use 50,000 samples against the 50,000 train images.
   * 'classifier' (the default for the MNIST family): a small CNN cm_jax trains once on the train split and
-    caches (cm_jax/classifier.py); keys 'classifier_fd' and 'classifier_score'. NOT comparable to Inception FIDs.
+    caches (cm_jax/evaluation/classifier.py); keys 'classifier_fd' and 'classifier_score'. NOT comparable to Inception FIDs.
 Reference features are computed once per (dataset, split, size, feature network) and cached under
 CACHE_DIR/reference/.
 
@@ -21,7 +21,7 @@ CACHE_DIR/reference/.
 --search_points Karras grid (as the official CM code: CIFAR-10 CD picks index 11 of 18, sigma = 0.585),
 minimising the Frechet distance with the same noise at every candidate; reports the chosen time.
 --memorization: pixel distance of samples to their nearest training image, against the same for held-out
-images (cm_jax.metrics.memorization).
+images (cm_jax.evaluation.metrics.memorization).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from cm_jax import atomic_file
-from cm_jax import classifier as classifier_lib
-from cm_jax import cli
+from cm_jax.runtime import atomic_file
+from cm_jax.evaluation import classifier as classifier_lib
+from cm_jax.runtime import cli
 from cm_jax import config_validation
-from cm_jax import errors
+from cm_jax.runtime import errors
 from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax import karras
-from cm_jax import metrics
-from cm_jax import multihost
-from cm_jax import paths
-from cm_jax import progress as progress_lib
-from cm_jax import sharding
+from cm_jax.core import karras
+from cm_jax.evaluation import metrics
+from cm_jax.runtime import multihost
+from cm_jax.runtime import paths
+from cm_jax.runtime import progress as progress_lib
+from cm_jax.runtime import sharding
 
 MNIST_FAMILY = input_pipeline.MNIST_FAMILY
 REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cached reference features.
@@ -108,7 +108,7 @@ def make_feature_net(config: ml_collections.ConfigDict) -> FeatureNet:
                       net.cache_id, net.protocol(),
                       local_fn=lambda x: net(x, ev.batch_size, devices=jax.local_devices(),
                                              progress_label='Reference features (classifier)'))
-  from cm_jax import inception  # pylint: disable=g-import-not-at-top  (TensorFlow only when needed)
+  from cm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top  (TensorFlow only when needed)
   path = inception.resolve_weights(ev.inception_path, classifier_lib.cache_dir(config))
   net = inception.InceptionNet(path)
   protocol = dict(net.protocol(), comparable_to_published_fid=True,

@@ -20,19 +20,19 @@ import ml_collections
 import numpy as np
 
 from cm_jax import checkpointing
-from cm_jax import errors
+from cm_jax.runtime import errors
 from cm_jax import input_pipeline
-from cm_jax import karras
-from cm_jax import progress as progress_lib
-from cm_jax import sampling
-from cm_jax import sharding
+from cm_jax.core import karras
+from cm_jax.runtime import progress as progress_lib
+from cm_jax.core import sampling
+from cm_jax.runtime import sharding
 from cm_jax import train_state as ts
-from cm_jax import xla_flags
+from cm_jax.runtime import xla_flags
 # Notebooks sample through this module: give them cm_jax's XLA CPU settings too (a no-op once a backend runs).
 xla_flags.apply()
 
 # make_denoiser and is_diffusion_model live beside the Denoiser (light imports); re-exported for callers.
-from cm_jax.denoiser import Denoiser, is_diffusion_model, make_denoiser  # pylint: disable=unused-import
+from cm_jax.core.denoiser import Denoiser, is_diffusion_model, make_denoiser  # pylint: disable=unused-import
 
 # Class labels of a class-conditional model: None (drawn uniformly), one class for all samples, or one each.
 LabelsArg = Union[None, int, Sequence[int], np.ndarray]
@@ -282,7 +282,7 @@ def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int
   a multiple of the device count (rows past num get the keys of the following indices and are dropped), and
   every process gets all num samples (in a multi-process run every process must call this together).
   before_batch() runs before each batch (training passes its preemption check, which may raise).
-  Process 0 logs progress (images/s, ETA; cm_jax.progress) as `progress_label`, by default 'Sampling (2-step
+  Process 0 logs progress (images/s, ETA; cm_jax.runtime.progress) as `progress_label`, by default 'Sampling (2-step
   consistency, times 0.821)' or the like, so that an evaluation of several samplers says which one is running.
   """
   if num < 1 or batch_size < 1:

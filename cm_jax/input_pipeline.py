@@ -35,7 +35,7 @@ from cm_jax.data.idx import read_idx  # pylint: disable=unused-import
 # step and benchmarks import; re-exported here.
 from cm_jax.data.catalog import DatasetSpec, image_shape, SUPPORTED
 from cm_jax.data.catalog import dataset_spec as _spec, image_size as _size
-from cm_jax.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
+from cm_jax.core.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
 
 STANDARD_LOCAL_ROOT = '/usr/share/datasets'
 MNIST_FAMILY = ('mnist', 'fashion_mnist')

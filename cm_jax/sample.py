@@ -20,12 +20,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from cm_jax import cli
-from cm_jax import errors
-from cm_jax import images
+from cm_jax.runtime import cli
+from cm_jax.runtime import errors
+from cm_jax.runtime import images
 from cm_jax import inference
-from cm_jax import multihost
-from cm_jax import paths
+from cm_jax.runtime import multihost
+from cm_jax.runtime import paths
 
 FLAGS = flags.FLAGS
 

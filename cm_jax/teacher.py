@@ -16,7 +16,7 @@ import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import inference
-from cm_jax import paths
+from cm_jax.runtime import paths
 
 # Fields where the student must agree with its teacher whatever the initialisation.
 _SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',

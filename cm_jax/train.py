@@ -1,6 +1,6 @@
 r"""Training: `python -m cm_jax.train --config=configs/mnist_ct.py --workdir=DIR`.
 
-One loop for every objective in cm_jax/losses.py: consistency training ('ct'), the EDM teacher ('edm'),
+One loop for every objective in cm_jax/core/losses.py: consistency training ('ct'), the EDM teacher ('edm'),
 consistency distillation from that teacher ('cd') and easy consistency tuning ('ect').
 `train_and_evaluate(config, workdir)` is the one entry point (CLI, tests, notebooks). A workdir is a run:
 starting again in a workdir that holds a checkpoint resumes from it.
@@ -21,20 +21,20 @@ from ml_collections import config_flags
 import numpy as np
 
 from cm_jax import checkpointing
-from cm_jax import cli
+from cm_jax.runtime import cli
 from cm_jax import config_validation
-from cm_jax import errors
+from cm_jax.runtime import errors
 from cm_jax import evaluate as evaluate_lib
-from cm_jax import images
+from cm_jax.runtime import images
 from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax import losses
-from cm_jax import multihost
-from cm_jax import sampling
-from cm_jax import sharding
+from cm_jax.core import losses
+from cm_jax.runtime import multihost
+from cm_jax.core import sampling
+from cm_jax.runtime import sharding
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
-from cm_jax import workdir_lock
+from cm_jax.runtime import workdir_lock
 from cm_jax.train_step import param_max_abs
 from cm_jax.train_step import train_step
 

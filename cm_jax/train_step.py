@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cm_jax import pixels
+from cm_jax.core import pixels
 from cm_jax import train_state as ts
 
 

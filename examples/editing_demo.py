@@ -1,4 +1,4 @@
-r"""Renders every zero-shot editing task of cm_jax/editing.py on a trained MNIST-family consistency model.
+r"""Renders every zero-shot editing task of cm_jax/core/editing.py on a trained MNIST-family consistency model.
 
     python examples/editing_demo.py --workdir=RUN --out=DIR [--num=8] [--seed=0] [--scale=3]
 
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cm_jax import edit  # pylint: disable=g-import-not-at-top
-from cm_jax import editing  # pylint: disable=g-import-not-at-top
+from cm_jax.core import editing  # pylint: disable=g-import-not-at-top
 from cm_jax import inference  # pylint: disable=g-import-not-at-top
 from cm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 

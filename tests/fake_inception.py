@@ -4,7 +4,7 @@ import tarfile
 
 import numpy as np
 
-from cm_jax import inception
+from cm_jax.evaluation import inception
 
 SIZE, DIM, CLASSES = 8, 6, 5  # Resize target, pool_3 width, classes of the fake graph.
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cm_jax import errors
+from cm_jax.runtime import errors
 from cm_jax import inference
 from cm_jax import train
 from cm_jax.configs import test as test_config
@@ -323,7 +323,7 @@ def _raised(fn):
 
 
 def test_only_deliberate_cm_jax_errors_are_user_errors():
-  from cm_jax import cli
+  from cm_jax.runtime import cli
   from cm_jax import edit
   assert cli.user_error_code(_raised(lambda: edit.load_images('/nonexistent.npz'))) == 1
   assert cli.user_error_code(_raised(lambda: cli.parse_ints('steps', ['a']))) == 2
@@ -338,9 +338,22 @@ def test_only_deliberate_cm_jax_errors_are_user_errors():
   assert isinstance(builtin_error, ValueError) and cli.user_error_code(builtin_error) is None
 
 
+def test_errors_raised_in_any_folder_of_the_package_are_cm_jax_errors():
+  # cli.py lives in cm_jax/runtime/; what counts as cm_jax's own code is still the whole package.
+  import cm_jax
+  from cm_jax.core import sampling
+  from cm_jax.runtime import cli
+  assert cli.PACKAGE_DIR == os.path.dirname(os.path.abspath(cm_jax.__file__))
+  core_error = _raised(lambda: sampling.validate_times((5.0,), 0.002, 1.0))  # A raise statement in cm_jax/core/.
+  assert isinstance(core_error, ValueError) and cli.user_error_code(core_error) == 1
+  outside = _raised(lambda: exec(compile("raise ValueError('x')", os.path.join(os.path.dirname(cli.PACKAGE_DIR),
+                                                                               'other_package.py'), 'exec')))
+  assert cli.user_error_code(outside) is None
+
+
 def test_library_tracebacks_are_hidden_from_the_console_only():
   import logging as pylogging
-  from cm_jax import cli
+  from cm_jax.runtime import cli
   inner = pylogging.Formatter('%(message)s')
   formatter = cli._NoLibraryTracebacks(inner)  # pylint: disable=protected-access
   try:

@@ -165,7 +165,7 @@ def test_the_light_site_lacks_the_heavy_packages(light_site, tmp_path):
     result = run_light(light_site, script=str(script), timeout=300)
     assert result.returncode != 0 and 'ModuleNotFoundError' in result.stderr, (line, result.stderr[-2000:])
   script = tmp_path / 'light.py'
-  script.write_text('import sys, flax.linen, optax, ml_collections, cm_jax.losses\n'
+  script.write_text('import sys, flax.linen, optax, ml_collections, cm_jax.core.losses\n'
                     'assert "site-packages" not in " ".join(sys.path), sys.path\n')
   result = run_light(light_site, script=str(script), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

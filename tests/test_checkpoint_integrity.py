@@ -24,7 +24,7 @@ import tensorstore
 
 from cm_jax import checkpointing
 from cm_jax import inference
-from cm_jax import sharding
+from cm_jax.runtime import sharding
 from cm_jax import teacher
 from cm_jax import train
 from cm_jax import train_state as ts
@@ -114,7 +114,8 @@ def test_checksums_of_many_sharded_leaves_finish(tmp_path):
   script.write_text(textwrap.dedent('''\
       import jax, jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from cm_jax import checkpointing, sharding
+      from cm_jax import checkpointing
+      from cm_jax.runtime import sharding
       mesh = sharding.make_mesh()
       assert mesh.devices.size == 2
       tree = {f'a{i}': jax.device_put(jnp.full((2 * (i % 7 + 1), 8), float(i)), NamedSharding(mesh, P('data')))

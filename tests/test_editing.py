@@ -16,12 +16,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cm_jax import edit
-from cm_jax import editing
+from cm_jax.core import editing
 from cm_jax import inference
 from cm_jax import models
-from cm_jax import sampling
+from cm_jax.core import sampling
 from cm_jax import train
-from cm_jax.denoiser import Denoiser
+from cm_jax.core.denoiser import Denoiser
 from cm_jax.configs import test as test_config
 
 EPS, T = 0.002, 80.0

@@ -12,13 +12,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cm_jax import classifier
-from cm_jax import errors
+from cm_jax.evaluation import classifier
+from cm_jax.runtime import errors
 from cm_jax import evaluate
 from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax import karras
-from cm_jax import sampling
+from cm_jax.core import karras
+from cm_jax.core import sampling
 from cm_jax import train
 from cm_jax.configs import test as test_config
 import fake_inception

@@ -1,4 +1,4 @@
-"""Analytic tests for cm_jax.karras: every expectation is an independent float64 computation of the paper
+"""Analytic tests for cm_jax.core.karras: every expectation is an independent float64 computation of the paper
 formula (docs: /work/shared/reference/consistency_models.md) or a number derived by hand in a comment."""
 
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras
+from cm_jax.core import karras
 
 EPS, T, RHO, SD = 0.002, 80.0, 7.0, 0.5
 P_MEAN, P_STD = -1.1, 2.0

@@ -1,4 +1,4 @@
-"""Analytic tests for cm_jax.losses with tiny hand-written fake denoisers (no UNet).
+"""Analytic tests for cm_jax.core.losses with tiny hand-written fake denoisers (no UNet).
 
 Expected values are float64 numpy computations of the paper formulas (see
 /work/shared/reference/consistency_models.md); where the loss draws random numbers, the test re-derives the
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras
-from cm_jax import losses
-from cm_jax import sampling
+from cm_jax.core import karras
+from cm_jax.core import losses
+from cm_jax.core import sampling
 from cm_jax.configs import default
 
 EPS, T, RHO, SD = 0.002, 80.0, 7.0, 0.5
@@ -62,7 +62,7 @@ def fake_f64(params, x, sigma_b):
 # Fake denoisers with the Denoiser call signature denoiser(params, x, sigma, dropout_rng)
 # --------------------------------------------------------------------------------------------------
 def tanh_denoiser(params, x, sigma, dropout_rng=None, labels_B=None):
-  """Tiny linear-tanh network inside the library's preconditioning (as cm_jax.denoiser.Denoiser does)."""
+  """Tiny linear-tanh network inside the library's preconditioning (as cm_jax.core.denoiser.Denoiser does)."""
   def net(x_in, c_noise):
     return jnp.tanh(params['w'] * x_in + params['b'] * c_noise[:, None, None, None])
   return karras.precondition(net, x, sigma, sigma_data=SD, sigma_min=EPS)

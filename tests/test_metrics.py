@@ -1,4 +1,4 @@
-"""Tests of cm_jax/metrics.py (analytic cases) and cm_jax/inception.py (on a small fake Inception graph)."""
+"""Tests of cm_jax/evaluation/metrics.py (analytic cases) and cm_jax/evaluation/inception.py (on a small fake Inception graph)."""
 
 import hashlib
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from cm_jax import atomic_file
-from cm_jax import inception
-from cm_jax import metrics
+from cm_jax.runtime import atomic_file
+from cm_jax.evaluation import inception
+from cm_jax.evaluation import metrics
 import fake_inception as fake
 
 

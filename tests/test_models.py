@@ -86,7 +86,7 @@ def test_models_with_new_fields_at_defaults_keep_the_old_parameter_tree_and_outp
       params, jax.random.PRNGKey(3))
   message = ('the network computes something else than before issue 9 (if only XLA or the PRNG changed, regenerate '
              'the golden file from the old module)')
-  # Equal up to float summation order: which kernels XLA:CPU picks for the convolutions (cm_jax/xla_flags.py's
+  # Equal up to float summation order: which kernels XLA:CPU picks for the convolutions (cm_jax/runtime/xla_flags.py's
   # fusion list, set or not in this process) moves outputs by ~1e-6 relative; a changed network moves them by
   # O(1).
   np.testing.assert_allclose(np.asarray(out_eval), golden[f'{name}/eval'], rtol=1e-5, atol=1e-7, err_msg=message)

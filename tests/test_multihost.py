@@ -16,8 +16,8 @@ import pytest
 
 from cm_jax import checkpointing
 from cm_jax import input_pipeline
-from cm_jax import losses
-from cm_jax import multihost
+from cm_jax.core import losses
+from cm_jax.runtime import multihost
 from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config

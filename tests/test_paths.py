@@ -12,12 +12,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cm_jax import atomic_file
+from cm_jax.runtime import atomic_file
 from cm_jax import checkpointing
 from cm_jax import edit
-from cm_jax import images
+from cm_jax.runtime import images
 from cm_jax import inference
-from cm_jax import paths
+from cm_jax.runtime import paths
 from cm_jax import teacher
 
 try:
@@ -156,7 +156,7 @@ def test_evaluation_caches_on_gcs_are_read_back(fake_gcs, monkeypatch):
   """evaluation.cache_dir = gs://...: the feature classifier and the reference features are written there
   and found again, with no retraining and no recomputation."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from cm_jax import classifier  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
   from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()

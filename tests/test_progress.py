@@ -1,11 +1,11 @@
-"""cm_jax.progress with a fake clock and a captured log: exact lines, rates, ETAs and throttling."""
+"""cm_jax.runtime.progress with a fake clock and a captured log: exact lines, rates, ETAs and throttling."""
 
 import subprocess
 import sys
 
 import pytest
 
-from cm_jax import progress as progress_lib
+from cm_jax.runtime import progress as progress_lib
 
 
 class FakeClock:
@@ -176,7 +176,7 @@ def test_default_log_fn_uses_absl_info(monkeypatch):
 
 def test_no_jax_import():
   """The helper stays importable (and cheap) without jax: it is pure Python."""
-  code = 'import sys; import cm_jax.progress; assert "jax" not in sys.modules, sorted(sys.modules)'
+  code = 'import sys; import cm_jax.runtime.progress; assert "jax" not in sys.modules, sorted(sys.modules)'
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
@@ -261,7 +261,7 @@ def test_two_step_search_counts_candidates(logged):
 
 def test_classifier_training_and_features_report(logged):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cm_jax import classifier  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (8, 8, 8, 1)).astype(np.uint8)
   labels = (np.arange(8) % 2).astype(np.int32)

@@ -1,4 +1,4 @@
-"""Analytic tests for cm_jax.sampling (CM Algorithm 1) with hand-written fake denoisers (no network)."""
+"""Analytic tests for cm_jax.core.sampling (CM Algorithm 1) with hand-written fake denoisers (no network)."""
 
 import math
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import karras
-from cm_jax import sampling
+from cm_jax.core import karras
+from cm_jax.core import sampling
 
 EPS, T, RHO = 0.002, 80.0, 7.0
 SHAPE = (4, 3, 3, 1)

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import classifier
+from cm_jax.evaluation import classifier
 from cm_jax import edit
 from cm_jax import evaluate
 from cm_jax import inference
-from cm_jax import sampling
-from cm_jax import sharding
+from cm_jax.core import sampling
+from cm_jax.runtime import sharding
 from cm_jax.configs import test as test_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

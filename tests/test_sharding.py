@@ -1,4 +1,4 @@
-"""cm_jax.sharding on the 2 fake CPU devices of conftest: the layouts, and FSDP steps == replicated steps."""
+"""cm_jax.runtime.sharding on the 2 fake CPU devices of conftest: the layouts, and FSDP steps == replicated steps."""
 
 import functools
 
@@ -10,8 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cm_jax import inference
-from cm_jax import losses
-from cm_jax import sharding
+from cm_jax.core import losses
+from cm_jax.runtime import sharding
 from cm_jax import train_state as ts
 from cm_jax.train_step import train_step
 

@@ -7,8 +7,8 @@ import pytest
 from cm_jax import config_validation
 from cm_jax import evaluate
 from cm_jax import inference
-from cm_jax import karras
-from cm_jax import sampling
+from cm_jax.core import karras
+from cm_jax.core import sampling
 from cm_jax.configs import default
 from cm_jax.configs import test as test_config
 

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from cm_jax import checkpointing
 from cm_jax import inference
-from cm_jax import losses
+from cm_jax.core import losses
 from cm_jax import train
 from cm_jax.configs import test as test_config
 

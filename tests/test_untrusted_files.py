@@ -63,8 +63,8 @@ def no_unpickling(monkeypatch):
 
 def test_object_arrays_in_files_are_refused_not_loaded(tmp_path, no_unpickling):
   from cm_jax import edit
-  from cm_jax import errors
-  from cm_jax import metrics
+  from cm_jax.runtime import errors
+  from cm_jax.evaluation import metrics
   path = str(tmp_path / 'objects.npz')
   np.savez(path, np.array([{'a': 1}], dtype=object))
   with pytest.raises(errors.InputFileError, match='objects.npz'):
@@ -109,7 +109,7 @@ def test_a_checkpoint_holding_a_symbolic_link_is_not_loaded(tiny_run, tmp_path, 
 def test_the_evaluation_cache_recorded_in_a_checkpoint_is_not_used(tiny_run, tmp_path):
   import json
   import shutil
-  from cm_jax import classifier
+  from cm_jax.evaluation import classifier
   from cm_jax import inference
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_run, workdir)

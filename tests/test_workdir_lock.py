@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cm_jax import train
-from cm_jax import workdir_lock
+from cm_jax.runtime import workdir_lock
 from cm_jax.configs import test as test_config
 
 

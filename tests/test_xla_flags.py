@@ -1,4 +1,4 @@
-"""cm_jax's default XLA CPU options (cm_jax/xla_flags.py): merged into XLA_FLAGS, never over the user's."""
+"""cm_jax's default XLA CPU options (cm_jax/runtime/xla_flags.py): merged into XLA_FLAGS, never over the user's."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import jaxlib
 
-from cm_jax import xla_flags
+from cm_jax.runtime import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = xla_flags.CPU_DEFAULTS[0][0]

@@ -8,7 +8,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
-from cm_jax import errors
+from cm_jax.runtime import errors
 
 
 class DataUnavailableError(errors.UserError, RuntimeError):

@@ -1,6 +1,6 @@
 """A DDPM++/ADM-style UNet (Linen) for the raw network F(c_in x, c_noise[, label]).
 
-The consistency / EDM preconditioning lives in cm_jax/karras.py; this module only maps
+The consistency / EDM preconditioning lives in cm_jax/core/karras.py; this module only maps
 (x_in_BHWC, c_noise_B, labels_B) to an output of the same shape as x_in.
 
 Precision: parameters are always float32; every layer computes in `dtype` (float32 or bfloat16). The noise

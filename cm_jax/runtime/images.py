@@ -8,7 +8,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from cm_jax import paths
+from cm_jax.runtime import paths
 
 
 def make_grid(images_BHWC: np.ndarray, pad: int = 2, pad_value: int = 128, cols: int | None = None) -> np.ndarray:

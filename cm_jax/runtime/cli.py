@@ -3,7 +3,7 @@
     if __name__ == '__main__':
       cli.run(main, define_flags)
 
-- A user error (a bad flag, config value, path or file; see cm_jax/errors.py) ends with one line on stderr,
+- A user error (a bad flag, config value, path or file; see cm_jax/runtime/errors.py) ends with one line on stderr,
   `cm_jax.sample: error: ...`, and exit code 2 (usage) or 1 (failure); --verbose adds the traceback.
   Errors that cm_jax itself raises about its input (ValueError, FileNotFoundError, FloatingPointError from
   cm_jax's own code) count as user errors too; anything raised elsewhere is a bug and keeps its traceback.
@@ -32,11 +32,12 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cm_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cm_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cm_jax.runtime import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cm_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The whole cm_jax package (this module lives in cm_jax/runtime/): its errors are user errors, its log lines kept.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Library modules whose INFO lines are the training log itself: metric values, and steps/s with the ETA.
 _KEPT_LIBRARY_INFO = (os.sep + os.path.join('clu', 'metric_writers') + os.sep,
                       os.sep + os.path.join('clu', 'periodic_actions.py'))
@@ -402,7 +403,7 @@ def check_writable_dir(path: str, what: str) -> None:
 
 def check_writable_file(path: str, what: str) -> None:
   """Checks that the file `path` can be created (its folder exists or can be made, and is writable)."""
-  from cm_jax import paths  # pylint: disable=g-import-not-at-top
+  from cm_jax.runtime import paths  # pylint: disable=g-import-not-at-top
   if paths.is_remote(path):
     return
   if os.path.isdir(path):
@@ -419,7 +420,7 @@ def _unwritable_dir_reason(path: str) -> Optional[str]:
   An existing directory gets a probe file written and removed; a missing one is not created (a failing run
   leaves nothing behind): its nearest existing parent must be writable.
   """
-  from cm_jax import paths  # pylint: disable=g-import-not-at-top
+  from cm_jax.runtime import paths  # pylint: disable=g-import-not-at-top
   if paths.is_remote(path):
     return None
   try:

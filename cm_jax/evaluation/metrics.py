@@ -1,6 +1,6 @@
 """Sample-quality metrics on feature vectors: pure numpy, float64 inside.
 
-The protocol these functions implement (the feature network is a separate choice, see cm_jax/inception.py):
+The protocol these functions implement (the feature network is a separate choice, see cm_jax/evaluation/inception.py):
   * Frechet distance (FID when the features are Inception pool_3): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)
     between the Gaussians fitted to two feature sets; covariances with ddof=1 (np.cov), as TTUR and the ADM
     evaluator. The trace of the matrix square root is computed from the eigenvalues of the symmetric
@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from cm_jax import atomic_file
+from cm_jax.runtime import atomic_file
 
 DEFAULT_BATCH_SIZE = 1024  # Rows per distance block: a block holds batch_size * M float64 distances.
 

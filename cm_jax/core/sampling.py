@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax import karras
+from cm_jax.core import karras
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 

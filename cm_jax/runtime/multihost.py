@@ -175,7 +175,7 @@ class StopSignal:
     """Whether to stop here; the same answer on every process at the same call."""
     if jax.process_count() == 1:
       return self.signal_name is not None
-    from cm_jax import sharding  # pylint: disable=g-import-not-at-top
+    from cm_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
     if self._any is None:
       mesh = sharding.make_mesh()
       self._flags_sharding = sharding.batch_sharding(mesh)

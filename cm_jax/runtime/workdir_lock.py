@@ -25,8 +25,8 @@ from etils import epath
 import jax
 import numpy as np
 
-from cm_jax import errors
-from cm_jax import paths
+from cm_jax.runtime import errors
+from cm_jax.runtime import paths
 
 LOCK_NAME = 'LOCK.json'
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import BinaryIO, Callable
 
-from cm_jax import paths
+from cm_jax.runtime import paths
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> str:

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cm_jax import karras
-from cm_jax import sampling
-from cm_jax.denoiser import Denoiser
+from cm_jax.core import karras
+from cm_jax.core import sampling
+from cm_jax.core.denoiser import Denoiser
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Zero-shot image editing with a consistency model (CM paper, Algorithm 4): pure and jit-able.
 
 `denoise_fn(x_BHWC, sigma_B) -> x0_BHWC` is the consistency function with its parameters bound, as in
-cm_jax/sampling.py. Images are NHWC in [-1, 1], any channel count unless a task says otherwise.
+cm_jax/core/sampling.py. Images are NHWC in [-1, 1], any channel count unless a task says otherwise.
 
 Maths. An orthogonal transform A (A^-1 = A^T) maps an image to coefficients of the same shape. A mask Omega
 over the coefficients marks what the model generates (Omega = 1) and what the reference y fixes (Omega = 0).
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax import sampling
+from cm_jax.core import sampling
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 

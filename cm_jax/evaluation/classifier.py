@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from cm_jax import atomic_file
+from cm_jax.runtime import atomic_file
 from cm_jax import input_pipeline
-from cm_jax import paths
-from cm_jax import progress as progress_lib
-from cm_jax import sharding
+from cm_jax.runtime import paths
+from cm_jax.runtime import progress as progress_lib
+from cm_jax.runtime import sharding
 
 FEATURE_DIM = 128
 NUM_CLASSES = 10  # MNIST and Fashion-MNIST.

@@ -25,7 +25,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from cm_jax import paths
+from cm_jax.runtime import paths
 
 # TTUR (bioinf-jku/TTUR fid.py) downloads the TensorFlow release archive; the ADM evaluator the bare .pb.
 TGZ_URL = 'http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz'

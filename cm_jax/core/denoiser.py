@@ -1,4 +1,4 @@
-"""Binds a Linen network to the preconditioning of cm_jax/karras.py: f_theta(x, sigma).
+"""Binds a Linen network to the preconditioning of cm_jax/core/karras.py: f_theta(x, sigma).
 
 `make_denoiser(config)` builds the one a run trains. Imports only jax, flax, ml-collections and light cm_jax
 modules (the train step and benchmarks build it without Orbax or the data readers).
@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cm_jax import karras
+from cm_jax.core import karras
 from cm_jax import models
 
 
