@@ -19,22 +19,12 @@ Hardware assumed: 8x A100 80GB (each step makes a student, a target and two teac
 """
 
 from cm_jax.configs import cifar10_edm
+from cm_jax.configs import common
 
 
 def get_config():
-  config = cifar10_edm.get_config()
-  loss = config.loss
-  loss.name = 'cd'
-  loss.schedule = 'fixed'
-  loss.num_points = 18
-  loss.index_distribution = 'uniform'
-  loss.distance = 'l2'
-  loss.weighting = 'uniform'
-  loss.target = 'stopgrad'
-  config.teacher.solver = 'heun'
-  config.teacher.init_student = True
-  config.model.dropout = 0.0
-  config.optim.name = 'radam'
+  config = cifar10_edm.get_config()  # The teacher's data, network (dropout aside) and evaluation.
+  common.apply_cd(config, num_points=18, target='stopgrad')  # CM's CIFAR-10 CD: N = 18, mu = 0, dropout 0, RAdam.
   config.optim.lr = 4e-4
   config.optim.warmup_steps = 19_531
   config.training.batch_size = 512

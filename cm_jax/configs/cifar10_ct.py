@@ -21,11 +21,13 @@ Hardware assumed: 8x A100 80GB (or TPU v4-32) for the 1024 batch in float32; the
 numbers to this, so scale the device count, not the batch, to keep the recipe.
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
+  common.apply_ict(config)                # iCT's loss (curriculum 10 -> 1280, pseudo-Huber, ...) and Adam.
   config.data.name = 'cifar10'
   config.data.image_size = 0              # 32x32, the dataset's own.
   config.data.random_flip = True
@@ -42,19 +44,6 @@ def get_config():
   model.fourier_scale = 0.02
 
   config.consistency.sigma_data = 0.5
-  loss = config.loss                      # The iCT defaults of configs/default.py, spelled out.
-  loss.name = 'ct'
-  loss.schedule = 'exponential'
-  loss.s0 = 10
-  loss.s1 = 1280
-  loss.index_distribution = 'lognormal'
-  loss.p_mean = -1.1
-  loss.p_std = 2.0
-  loss.distance = 'pseudo_huber'
-  loss.weighting = 'inverse_delta'
-  loss.target = 'stopgrad'
-
-  config.optim.name = 'adam'
   config.optim.lr = 1e-4
   config.optim.warmup_steps = 0
 

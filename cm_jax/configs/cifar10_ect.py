@@ -17,24 +17,14 @@ Hardware assumed: one to two A100/H100 80GB (batch 128 of a 56M network).
 """
 
 from cm_jax.configs import cifar10_edm
+from cm_jax.configs import common
 
 
 def get_config():
-  config = cifar10_edm.get_config()
-  loss = config.loss
-  loss.name = 'ect'
-  loss.p_mean = -1.1
-  loss.p_std = 2.0
-  loss.ect_q = 2.0
-  loss.ect_k = 8.0
-  loss.ect_b = 1.0
-  loss.ect_stage_steps = 25_000
-  loss.distance = 'l2_norm'
-  loss.weighting = 'inverse_delta'
-  config.teacher.init_student = True
+  config = cifar10_edm.get_config()  # The teacher's network (dropout aside) and evaluation.
+  common.apply_ect(config, stage_steps=25_000)  # ECT's loss and RAdam; a stage per 3.2M images.
   config.data.random_flip = False
   config.model.dropout = 0.2
-  config.optim.name = 'radam'
   config.optim.lr = 1e-4
   config.optim.warmup_steps = 0
   config.training.batch_size = 128

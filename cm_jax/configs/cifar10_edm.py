@@ -21,20 +21,16 @@ as we read the paper; not re-measured).
 """
 
 from cm_jax.configs import cifar10_ct
+from cm_jax.configs import common
 
 
 def get_config():
   config = cifar10_ct.get_config()  # Data, network and evaluation protocol of the CT run.
-  config.loss.name = 'edm'
-  config.loss.edm_p_mean = -1.2
-  config.loss.edm_p_std = 1.2
+  common.apply_edm(config, diffusion_steps=18)  # EDM loss and Adam; Heun sampling, 18 steps.
   config.model.dropout = 0.13
-  config.optim.name = 'adam'
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 19_531      # 10M images at batch 512.
   config.training.batch_size = 512
   config.training.num_steps = 390_625     # 200M images.
   config.training.ema_rates = (0.99929,)  # Half-life 0.5M images at batch 512.
-  config.sampling.diffusion_solver = 'heun'
-  config.sampling.diffusion_steps = 18
   return config

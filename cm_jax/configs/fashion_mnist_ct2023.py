@@ -5,19 +5,13 @@ or the official code's), uniform noise index, unweighted l2 (the paper used LPIP
 ship: it leaks ImageNet features into FID). Same network and budget as configs/fashion_mnist_ct.py.
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import fashion_mnist_ct
 
 
 def get_config():
   config = fashion_mnist_ct.get_config()
-  config.loss.schedule = 'adaptive'
-  config.loss.s0 = 2
-  config.loss.s1 = 150
-  config.loss.index_distribution = 'uniform'
-  config.loss.distance = 'l2'
-  config.loss.weighting = 'uniform'
-  config.loss.target = 'ema'
-  config.loss.mu0 = 0.9
-  config.loss.mu_variant = 'paper'
+  common.apply_ct2023(config, s1=150, mu0=0.9, mu_variant='paper')  # CM's CIFAR-10 CT values.
+  config.optim.name = 'adam'  # Adam, as the iCT run, where CM uses RAdam: only the loss differs.
   config.sampling.start_t = None  # Sample from sigma_max: the iCT config's start time was measured for iCT only.
   return config

@@ -10,22 +10,14 @@ Budget: 2900 steps, about the 28 minutes of configs/fashion_mnist_ct.py on an id
 not counting the teacher's own training.
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import fashion_mnist_edm
 
 
 def get_config():
-  config = fashion_mnist_edm.get_config()
-  loss = config.loss
-  loss.name = 'ect'
-  loss.p_mean = -1.1
-  loss.p_std = 2.0
-  loss.ect_q = 2.0
-  loss.ect_k = 8.0
-  loss.ect_b = 1.0
-  loss.ect_stage_steps = 580
-  loss.distance = 'l2_norm'
-  loss.weighting = 'inverse_delta'
-  config.teacher.init_student = True
+  config = fashion_mnist_edm.get_config()  # The teacher's data, network and batch.
+  common.apply_ect(config, stage_steps=580)  # ECT's loss; stages 0-4 in this budget.
+  config.optim.name = 'adam'  # Adam, as the teacher, where ECT uses RAdam.
   config.optim.lr = 4e-4
   config.training.num_steps = 2900
   config.training.eval_every = 580

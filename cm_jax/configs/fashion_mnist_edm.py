@@ -9,12 +9,13 @@ Budget: 3300 steps, about the 28 minutes of the CT run on an idle 2-core CPU (~2
 predecessor of `benchmarks/train_step.py`; an EDM step is one network pass where CT makes two).
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import fashion_mnist_ct
 
 
 def get_config():
   config = fashion_mnist_ct.get_config()  # Network, data, optimizer and batch: equal to the CT run's.
-  config.loss.name = 'edm'
+  common.apply_edm(config, diffusion_steps=18)  # EDM loss (Adam, as the CT run); Heun sampling, 18 steps.
   # EDM samples from sigma_max; its CD and ECT students (configs derived from this one) keep CM's start too:
   # the CT config's start_t = 40 was measured for CT only.
   config.sampling.start_t = None

@@ -19,24 +19,14 @@ Data: the ImageNet train folder at 64x64, streamed, as configs/imagenet64_edm.py
 Hardware assumed: 64x A100 80GB or a TPU v4-64 slice (not measured).
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import imagenet64_edm
 
 
 def get_config():
-  config = imagenet64_edm.get_config()
-  loss = config.loss
-  loss.name = 'ct'
-  loss.schedule = 'adaptive'
-  loss.s0 = 2
-  loss.s1 = 200
-  loss.index_distribution = 'uniform'
-  loss.distance = 'l2'
-  loss.weighting = 'uniform'
-  loss.target = 'ema'
-  loss.mu0 = 0.95
-  loss.mu_variant = 'official'
+  config = imagenet64_edm.get_config()  # Data, network, EMAs, precision and evaluation of the teacher.
+  common.apply_ct2023(config, s1=200, mu0=0.95, mu_variant='official')  # CM's ImageNet-64 CT launch line.
   config.model.dropout = 0.0
-  config.optim.name = 'radam'
   config.optim.lr = 1e-4
   config.training.batch_size = 2048
   config.training.num_steps = 800_000

@@ -13,25 +13,13 @@ cm_jax's choices for one accelerator: lr 1e-5 (CM: 8e-6 at batch 2048), batch 12
 Hardware assumed: one 80 GB A100 or H100 (a step is a student, a target and two teacher passes).
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import imagenette_edm
 
 
 def get_config():
-  config = imagenette_edm.get_config()
-  loss = config.loss
-  loss.name = 'cd'
-  loss.schedule = 'fixed'
-  loss.num_points = 40
-  loss.index_distribution = 'uniform'
-  loss.distance = 'l2'
-  loss.weighting = 'uniform'
-  loss.target = 'ema'
-  loss.mu0 = 0.95
-  loss.mu_variant = 'constant'
-  config.teacher.solver = 'heun'
-  config.teacher.init_student = True
-  config.model.dropout = 0.0
-  config.optim.name = 'radam'
+  config = imagenette_edm.get_config()  # The teacher's data, network (dropout aside), batch and evaluation.
+  common.apply_cd(config, num_points=40, target='ema', mu0=0.95)  # CM's ImageNet-64 CD: N = 40, dropout 0, RAdam.
   config.optim.lr = 1e-5
   config.optim.warmup_steps = 0
   config.training.num_steps = 100_000

@@ -22,40 +22,21 @@ Hardware assumed: one 80 GB A100 or H100 in float32 (--config.training.precision
 faster on both; not measured).
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import default
 
 
 def get_config():
   config = default.get_config()
+  common.apply_ict(config)                # iCT's loss and Adam, as configs/cifar10_ct.py.
   config.data.name = 'imagenette'
   config.data.image_size = 64
   config.data.random_flip = True
 
-  model = config.model
-  model.ch = 128
-  model.ch_mult = (1, 2, 2, 4)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16, 8)
-  model.head_channels = 64
-  model.scale_shift = True
-  model.resblock_updown = True
-  model.num_groups = 32
-  model.dropout = 0.2
-  model.embedding = 'fourier'
-  model.fourier_scale = 0.02
-  model.class_conditional = False
+  common.apply_adm_unet(config, ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16, 8))
+  config.model.dropout = 0.2
+  config.model.class_conditional = False
 
-  loss = config.loss
-  loss.name = 'ct'
-  loss.schedule = 'exponential'
-  loss.s0 = 10
-  loss.s1 = 1280
-  loss.index_distribution = 'lognormal'
-  loss.distance = 'pseudo_huber'
-  loss.weighting = 'inverse_delta'
-  loss.target = 'stopgrad'
-
-  config.optim.name = 'adam'
   config.optim.lr = 1e-4
   training = config.training
   training.batch_size = 128

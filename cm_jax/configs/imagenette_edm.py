@@ -10,19 +10,15 @@ ImageNet-64 run used batch 4096 on many GPUs); no published Imagenette teacher e
 Hardware assumed: one 80 GB A100 or H100.
 """
 
+from cm_jax.configs import common
 from cm_jax.configs import imagenette_ct
 
 
 def get_config():
   config = imagenette_ct.get_config()  # Data, network and evaluation of the CT run.
-  config.loss.name = 'edm'
-  config.loss.edm_p_mean = -1.2
-  config.loss.edm_p_std = 1.2
+  common.apply_edm(config, diffusion_steps=40)  # EDM loss and Adam; Heun sampling, 40 steps.
   config.model.dropout = 0.1
-  config.optim.name = 'adam'
   config.optim.lr = 2e-4
   config.optim.warmup_steps = 5_000
   config.training.num_steps = 200_000
-  config.sampling.diffusion_solver = 'heun'
-  config.sampling.diffusion_steps = 40
   return config
