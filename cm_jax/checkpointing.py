@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import importlib
 import os
 import re
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from absl import logging
 from etils import epath
@@ -300,6 +301,23 @@ def describe_error(e: BaseException) -> str:
   return f'{type(e).__name__}: {first[:300]}{"..." if len(first) > 300 else ""}'
 
 
+def newest_readable(steps: Iterable[int], read: Callable[[int], T], on_bad: Callable[[int, Exception], None],
+                    is_bad: Callable[[BaseException], bool] = is_damage) -> Optional[tuple[int, T]]:
+  """(step, read(step)) of the newest of `steps` whose read succeeds; None if none does.
+
+  A read that fails with an error `is_bad` accepts (by default one that may come from the checkpoint's files)
+  calls on_bad(step, error) and tries the next older step; any other error propagates.
+  """
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_bad(e):
+        raise
+      on_bad(step, e)  # What a failed read held (a whole state) is freed with `e`, before an older one is read.
+  return None
+
+
 def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, config: ml_collections.ConfigDict,
                        data: dict, workdir: str) -> Any:
   """The state of the newest readable checkpoint, after checking that `config` and `data` can resume it.
@@ -309,7 +327,7 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
   WORKDIR/unreadable_checkpoints/ (kept for inspection) so that the resumed run can save that step again. A
   config or data mismatch is the user's to fix and raises ValueError at once.
   """
-  problems, unreadable = [], []
+  problems, unreadable, refused = [], [], []
 
   def skip(step: int, e: Exception) -> None:
     problems.append(f'step {step}: {describe_error(e)}')
@@ -317,34 +335,28 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     logging.warning('Checkpoint at step %d is unreadable or corrupt (%s); trying an older one.', step,
                     problems[-1])
 
-  for step in sorted(manager.all_steps(), reverse=True):
+  def read(step: int) -> Any:
+    check_no_links(manager, step)
+    meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     try:
-      check_no_links(manager, step)
-      meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                           data=ocp.args.JsonRestore()))
+      check_compatible(config_from_json_dict(meta.config), config, workdir)
+      check_same_data(meta.data, data, workdir)
     except Exception as e:  # pylint: disable=broad-except
-      if not is_damage(e):
-        raise
-      skip(step, e)
-      continue
-    check_compatible(config_from_json_dict(meta.config), config, workdir)
-    check_same_data(meta.data, data, workdir)
-    try:
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
-      verify(manager, step, state)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_damage(e):
-        raise
-      state = None  # Never returned; and freed before an older one is read (no two states in memory).
-      skip(step, e)
-      continue
-    if unreadable and jax.process_index() == 0:
-      move_aside(workdir, unreadable)
-    multihost.barrier('cm_jax_checkpoint_restored')  # No process lists a checkpoint that is being moved away.
-    manager.reload()
+      refused.append(e)  # A mismatch is the user's to fix: it propagates, never skipped as damage.
+      raise
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+    verify(manager, step, state)
     return state
-  raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '
-                     'away to start afresh.')
+
+  found = newest_readable(manager.all_steps(), read, skip, is_bad=lambda e: is_damage(e) and e not in refused)
+  if found is None:
+    raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '
+                       'away to start afresh.')
+  if unreadable and jax.process_index() == 0:
+    move_aside(workdir, unreadable)
+  multihost.barrier('cm_jax_checkpoint_restored')  # No process lists a checkpoint that is being moved away.
+  manager.reload()
+  return found[1]
 
 
 def move_aside(workdir: str, steps: list[int]) -> str:
@@ -357,24 +369,22 @@ def move_aside(workdir: str, steps: list[int]) -> str:
   return os.fspath(aside)
 
 
+def _newest_that_reads(manager: ocp.CheckpointManager, read: Callable[[int], T]) -> Optional[T]:
+  """read(step) of the newest checkpoint where it succeeds (None without one); any error skips a step silently:
+  restore_for_resume reports and sets aside unreadable checkpoints."""
+  found = newest_readable(manager.all_steps(), read, on_bad=lambda step, e: None, is_bad=lambda e: True)
+  return None if found is None else found[1]
+
+
 def saved_data(manager: ocp.CheckpointManager) -> Optional[dict]:
   """The `data` record (data fingerprint, and the teacher of CD/ECT runs) of the newest checkpoint that reads."""
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-    except Exception:  # pylint: disable=broad-except
-      continue  # restore_for_resume reports and sets aside unreadable checkpoints.
-  return None
+  return _newest_that_reads(
+      manager, lambda step: manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
 
 
 def saved_config(manager: ocp.CheckpointManager) -> Optional[ml_collections.ConfigDict]:
   """The config of the newest checkpoint that reads (None without one)."""
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      return restore_config(manager, step)
-    except Exception:  # pylint: disable=broad-except
-      continue  # restore_for_resume reports and sets aside unreadable checkpoints.
-  return None
+  return _newest_that_reads(manager, functools.partial(restore_config, manager))
 
 
 def check_same_data(saved: dict, data: dict, workdir: str) -> None:
@@ -447,23 +457,21 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
           f'loaded. Other steps there: {others}; ask for one of them, or for none to get the newest readable '
           'one.') from e
   damaged, problems = [], []
-  for candidate in reversed(steps):
-    try:
-      restored = restore(candidate)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_damage(e):
-        raise
-      damaged.append(candidate)
-      problems.append(f'step {candidate}: {describe_error(e)}')
-      logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '
-                      'files are left as they are).', candidate, where, describe_error(e))
-      continue
-    if damaged:
-      logging.warning('Using step %d, the newest readable checkpoint in %s, instead of the damaged step(s) %s.',
-                      candidate, where, ', '.join(map(str, damaged)))
-    return candidate, restored
-  raise UnreadableCheckpointError(f'No readable checkpoint in {where}: {"; ".join(problems)}. Train again, or '
-                                  'restore the checkpoints from a backup.')
+
+  def skip(candidate: int, e: Exception) -> None:
+    damaged.append(candidate)
+    problems.append(f'step {candidate}: {describe_error(e)}')
+    logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '
+                    'files are left as they are).', candidate, where, describe_error(e))
+
+  found = newest_readable(steps, restore, skip)
+  if found is None:
+    raise UnreadableCheckpointError(f'No readable checkpoint in {where}: {"; ".join(problems)}. Train again, or '
+                                    'restore the checkpoints from a backup.')
+  if damaged:
+    logging.warning('Using step %d, the newest readable checkpoint in %s, instead of the damaged step(s) %s.',
+                    found[0], where, ', '.join(map(str, damaged)))
+  return found
 
 
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:

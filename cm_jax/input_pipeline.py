@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 from typing import Any, Optional
 
 from absl import logging
 import numpy as np
 
-from cm_jax.data import idx
 from cm_jax.data import image_folder
+from cm_jax.data import mnist_family
 from cm_jax.data import tfds_source
 # Re-exported: the names callers and tests use stay on this one interface module.
 from cm_jax.data.dataset import (array_fingerprint, ArrayDataset, Dataset,  # pylint: disable=unused-import
@@ -33,138 +32,22 @@ from cm_jax.data.dataset import (array_fingerprint, ArrayDataset, Dataset,  # py
 from cm_jax.data.idx import read_idx  # pylint: disable=unused-import
 # The dataset table, image shapes and pixel scaling live in light modules (no TFDS, PIL or absl) that the train
 # step and benchmarks import; re-exported here.
-from cm_jax.data.catalog import DatasetSpec, image_shape, SUPPORTED
-from cm_jax.data.catalog import dataset_spec as _spec, image_size as _size
+from cm_jax.data.catalog import DatasetSpec, image_shape, SUPPORTED  # pylint: disable=unused-import
+from cm_jax.data.catalog import data_source as _source, dataset_spec as _spec, image_size as _size
 from cm_jax.core.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
 
-STANDARD_LOCAL_ROOT = '/usr/share/datasets'
 MNIST_FAMILY = ('mnist', 'fashion_mnist')
-
-
-def _source(data_config: Any) -> str:
-  source = data_config.get('source', 'auto')
-  if source not in ('auto', 'tfds', 'local'):
-    raise ValueError(f"data.source must be 'auto', 'tfds' or 'local', got {source!r}.")
-  return source
-
-
-# ----------------------------------------------------------------------- TFDS (hooks tests replace).
-def _tfds_builder(full_name: str, data_dir: Optional[str]) -> Any:
-  return tfds_source.make_builder(full_name, data_dir)
-
-
-def _tfds_download(builder: Any, **kwargs) -> None:
-  """Downloads and prepares `builder`'s data, failing fast offline (a separate hook for tests)."""
-  tfds_source.download_and_prepare(builder, **kwargs)
-
-
-def _tfds_full_name(spec: DatasetSpec, data_config: Any) -> str:
-  config = data_config.get('tfds_config', None) or spec.tfds_config
-  return f'{spec.tfds_name}/{config}' if config else spec.tfds_name
-
-
-def _tfds_split(spec: DatasetSpec, split: str) -> str:
-  return spec.test_split if split == 'test' else split
-
-
-def _rgb_builder(name: str, spec: DatasetSpec, data_config: Any) -> Any:
-  """The prepared TFDS builder of an RGB dataset: prepared data in data.data_dir, else a download."""
-  if _source(data_config) == 'local':
-    raise ValueError(f"data.source = 'local' reads the MNIST family's IDX files and image folders; {name!r} comes "
-                     "from TFDS: set --config.data.source=auto (or tfds).")
-  full_name = _tfds_full_name(spec, data_config)
-  hint = spec.install_hint or tfds_source.prepare_hint(full_name, array_record=True)
-  try:
-    builder = _tfds_builder(full_name, data_config.get('data_dir', None))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataUnavailableError(f'Dataset {name!r}: no TFDS builder {full_name!r} ({type(e).__name__}: {e}). '
-                               'Check data.tfds_config.') from e
-  if builder.is_prepared():
-    logging.info('Dataset %s: using prepared TFDS data in %s.', name, builder.data_dir)
-    return builder
-  if not spec.downloadable:
-    raise DataUnavailableError(f'Dataset {name!r} ({full_name}) is not prepared in {builder.data_dir}, and {hint}.')
-  logging.info('Dataset %s: no prepared TFDS data in %s; downloading and preparing it (ArrayRecord).', name,
-               builder.data_dir)
-  try:
-    _tfds_download(builder, file_format='array_record')
-  except Exception as e:  # pylint: disable=broad-except
-    why = str(e)[:300] if isinstance(e, DataUnavailableError) else f'{type(e).__name__}: {str(e)[:300]}'
-    raise DataUnavailableError(f'Dataset {name!r} ({full_name}) is not prepared in {builder.data_dir}, and the TFDS '
-                               f'download failed: {why}.\nTo fix: {hint}.') from e
-  return builder
-
-
-# --------------------------------------------------------------------- MNIST family resolution.
-def _resolve_mnist(spec: DatasetSpec, name: str, data_config: Any, split: str, with_labels: bool):
-  """(images, labels or None) of the MNIST family from the source named by data.source."""
-  source, manual_dir = _source(data_config), data_config.get('manual_dir', None)
-  tried: list[str] = []
-
-  def unavailable() -> DataUnavailableError:
-    files = ', '.join(f'{v}[.gz]' for v in idx.IMAGE_FILES.values())
-    return DataUnavailableError(
-        f'Dataset {name!r} ({split}) is not available. Sources tried:\n' + ''.join(f'  - {t}\n' for t in tried) +
-        f'To fix: {spec.install_hint}; or set --config.data.manual_dir=DIR to a directory holding the four IDX '
-        f'files ({files} and the matching *-labels-idx1-ubyte files); or go online so TFDS can download it '
-        f'({tfds_source.prepare_hint(spec.tfds_name)}).')
-
-  hw = spec.image_shape[:2]
-  if source == 'local' or (source == 'auto' and manual_dir):
-    directory = (manual_dir or idx.standard_dir(STANDARD_LOCAL_ROOT, spec.local_dirs)
-                 or os.path.join(STANDARD_LOCAL_ROOT, spec.local_dirs[0]))
-    logging.info('Dataset %s: using local IDX files in %s (data.source=%s).', name, directory, source)
-    try:
-      return idx.read_split(directory, split, hw, with_labels)
-    except FileNotFoundError as e:
-      tried.append(f'local IDX: {e}')
-      raise unavailable() from e
-
-  builder = None
-  try:
-    builder = _tfds_builder(spec.tfds_name, data_config.get('data_dir', None))
-    prepared, why = builder.is_prepared(), f'none in {builder.data_dir}'
-  except Exception as e:  # pylint: disable=broad-except
-    prepared, why = False, f'{type(e).__name__}: {str(e)[:200]}'
-  if prepared:
-    logging.info('Dataset %s: using prepared TFDS data in %s.', name, builder.data_dir)
-    return tfds_source.read_split(builder, split, with_labels)
-  tried.append(f'TFDS prepared data: {why}')
-  if source == 'auto':
-    logging.info('Dataset %s: no prepared TFDS data (%s); trying the standard local directories.', name, why)
-    directory = idx.standard_dir(STANDARD_LOCAL_ROOT, spec.local_dirs)
-    if directory is not None:
-      logging.info('Dataset %s: using local IDX files in %s.', name, directory)
-      return idx.read_split(directory, split, hw, with_labels)
-    tried.append('local IDX: no IDX image files in ' + ', '.join(
-        os.path.join(STANDARD_LOCAL_ROOT, d) for d in spec.local_dirs))
-  if builder is None:
-    raise unavailable()
-  logging.info('Dataset %s: downloading and preparing with TFDS into %s.', name, builder.data_dir)
-  try:
-    _tfds_download(builder)
-  except Exception as e:  # pylint: disable=broad-except
-    tried.append(f'TFDS download: {type(e).__name__}: {str(e)[:300]}')
-    raise unavailable() from e
-  return tfds_source.read_split(builder, split, with_labels)
-
-
-def _pad(images: np.ndarray, pad_to: int) -> np.ndarray:
-  h, w = images.shape[1:3]
-  if pad_to < max(h, w):
-    raise ValueError(f'data.pad_to={pad_to} is smaller than the image size {h}x{w}.')
-  ph, pw = pad_to - h, pad_to - w
-  return np.pad(images, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
 
 
 # --------------------------------------------------------------------------------- Whole splits.
 def _load(data_config: Any, split: str, with_labels: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
   name, spec = _spec(data_config)
   if spec.kind == 'idx':
-    images, labels = _resolve_mnist(spec, name, data_config, split, with_labels)
+    images, labels = mnist_family.read_split(spec, name, data_config, split, with_labels)
   elif spec.kind == 'tfds':
-    builder = _rgb_builder(name, spec, data_config)
-    images, labels = tfds_source.read_split(builder, _tfds_split(spec, split), with_labels, _size(spec, data_config))
+    builder = tfds_source.prepared_builder(name, spec, data_config)
+    images, labels = tfds_source.read_split(builder, tfds_source.tfds_split(spec, split), with_labels,
+                                            _size(spec, data_config))
   else:
     image_folder.check_split(split)
     if _source(data_config) == 'tfds':
@@ -176,7 +59,7 @@ def _load(data_config: Any, split: str, with_labels: bool) -> tuple[np.ndarray, 
     raise ValueError(f'{name} ({split}): expected images of shape (N, {", ".join(map(str, expected))}), got '
                      f'{images.shape}.')
   if spec.kind == 'idx' and data_config.get('pad_to', 0):
-    images = _pad(images, data_config.pad_to)
+    images = mnist_family.pad(images, data_config.pad_to)
   logging.info('Dataset %s (%s): %d images of shape %s.', name, split, len(images), images.shape[1:])
   return images, labels
 
@@ -184,10 +67,9 @@ def _load(data_config: Any, split: str, with_labels: bool) -> tuple[np.ndarray, 
 def load_images(data_config: Any, split: str) -> np.ndarray:
   """All images of a split in memory as uint8 (N, H, W, C) (MNIST family: padded if data.pad_to > 0).
 
-  MNIST family, data.source: 'local' reads IDX files from data.manual_dir, else from STANDARD_LOCAL_ROOT; 'tfds'
-  uses TFDS (downloading if not prepared); 'auto' uses manual_dir if set, else prepared TFDS data, else the
-  standard local directory, else a TFDS download, and raises DataUnavailableError listing every attempt if all
-  fail. RGB TFDS datasets: prepared data, else a download (failing within seconds offline). Each step is logged.
+  MNIST family: the source data.source names (cm_jax/data/mnist_family.py: IDX files or TFDS, with fallbacks,
+  raising DataUnavailableError listing every attempt if all fail). RGB TFDS datasets: prepared data, else a
+  download (failing within seconds offline). Each step is logged.
   """
   return _load(data_config, split, with_labels=False)[0]
 
@@ -213,10 +95,10 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
   if storage not in ('memory', 'stream'):
     raise ValueError(f"data.storage must be 'memory' or 'stream', got {storage!r}.")
   if storage == 'stream' and spec.kind == 'tfds':
-    builder = _rgb_builder(name, spec, data_config)
+    builder = tfds_source.prepared_builder(name, spec, data_config)
     size = _size(spec, data_config)
-    return tfds_source.TfdsStreamDataset(builder, _tfds_split(spec, split), (size, size, 3), spec.num_classes,
-                                         with_labels)
+    return tfds_source.TfdsStreamDataset(builder, tfds_source.tfds_split(spec, split), (size, size, 3),
+                                         spec.num_classes, with_labels)
   if storage == 'stream' and spec.kind == 'folder':
     image_folder.check_split(split)
     listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
@@ -229,9 +111,9 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
     images, labels = load_images(data_config, split), None
   fingerprint = None  # MNIST family: the sha256 of the image array, as checkpoints have always recorded.
   if spec.kind == 'tfds':  # Otherwise the source, as when streamed: switching data.storage keeps a run resumable.
-    builder = _rgb_builder(name, spec, data_config)
-    fingerprint = tfds_source.source_fingerprint(builder.info.full_name, _tfds_split(spec, split), len(images),
-                                                 images.shape[1:])
+    builder = tfds_source.prepared_builder(name, spec, data_config)
+    fingerprint = tfds_source.source_fingerprint(builder.info.full_name, tfds_source.tfds_split(spec, split),
+                                                 len(images), images.shape[1:])
   elif spec.kind == 'folder':
     listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
     fingerprint = image_folder.source_fingerprint(listing, images.shape[1:])

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,74 @@ def test_checksums_of_many_sharded_leaves_finish(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=root)
   result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and 'checksums 200' in result.stdout, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# The one loop that finds the newest readable checkpoint, on a fake manager.
+# --------------------------------------------------------------------------------------------------
+class FakeManager:
+  """The part of a CheckpointManager the restores use, over empty folders CHECKPOINTS/1..3 whose step 3 fails to
+  read; every step holds the state {'w': [step, step]}, `config` and the data record {'n': 1}."""
+
+  def __init__(self, directory: str, config):
+    self.directory, self.config = directory, config
+    for step in (1, 2, 3):
+      os.makedirs(os.path.join(directory, str(step)))
+
+  def all_steps(self) -> list:
+    return [int(name) for name in os.listdir(self.directory)]
+
+  def restore(self, step: int, args=None):
+    del args  # Every item at once.
+    if step == 3:
+      raise ValueError('OUT_OF_RANGE: Error reading "params.Conv_0.kernel/0.0" (test)')
+    return types.SimpleNamespace(state={'w': np.full(2, step, np.float32)}, config=self.config.to_dict(),
+                                 data={'n': 1})
+
+  def reload(self) -> None:
+    pass
+
+
+def test_a_step_that_fails_to_read_is_skipped_by_read_only_restores_and_moved_aside_by_resume(tmp_path, caplog):
+  config = tiny_config()
+  workdir = str(tmp_path / 'run')
+  checkpoints = checkpointing.checkpoint_dir(workdir)
+  manager = FakeManager(checkpoints, config)
+  with caplog.at_level(logging.WARNING):
+    step, state = checkpointing.restore_read_only(manager, lambda s: manager.restore(s).state)
+  assert step == 2 and state['w'].tolist() == [2, 2]
+  assert any('unreadable or corrupt' in m and 'its files are left as they are' in m and 'OUT_OF_RANGE' in m
+             for m in warnings_about(caplog, 3)), caplog.text
+  assert 'Using step 2, the newest readable checkpoint' in caplog.text
+  assert checkpointing.saved_data(manager) == {'n': 1}
+  assert checkpointing.saved_config(manager).data.name == config.data.name
+  assert sorted(os.listdir(checkpoints)) == ['1', '2', '3']  # Read-only: nothing moved.
+
+  with pytest.raises(ValueError, match='different training array'):  # A mismatch is raised, not skipped.
+    checkpointing.restore_for_resume(manager, None, config, {'n': 2}, workdir)
+  assert sorted(os.listdir(checkpoints)) == ['1', '2', '3']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    state = checkpointing.restore_for_resume(manager, None, config, {'n': 1}, workdir)
+  assert state['w'].tolist() == [2, 2]
+  assert any('unreadable or corrupt' in m and 'trying an older one.' in m for m in warnings_about(caplog, 3))
+  assert 'Moved the unreadable checkpoint of step 3' in caplog.text
+  assert sorted(os.listdir(checkpoints)) == ['1', '2']
+  assert [n.split('-')[0] for n in os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))] == ['3']
+
+
+def test_newest_readable_propagates_errors_that_are_not_damage():
+  def read(step):
+    if step == 3:
+      raise TypeError('a bug (test)')
+    return step
+
+  with pytest.raises(TypeError, match='a bug'):
+    checkpointing.newest_readable([1, 2, 3], read, on_bad=lambda step, e: pytest.fail('skipped a bug'))
+  bad = []
+  found = checkpointing.newest_readable([3, 1, 2], read, lambda step, e: bad.append(step), is_bad=lambda e: True)
+  assert found == (2, 2) and bad == [3]
+  assert checkpointing.newest_readable([], read, lambda step, e: bad.append(step)) is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cm_jax import input_pipeline as ip
+from cm_jax.data import mnist_family
 from cm_jax.data import tfds_source
 
 N = 12  # Mock examples per split.
@@ -147,7 +148,7 @@ def test_offline_tfds_fails_fast_without_downloading(tmp_path, monkeypatch, no_n
 
 
 def test_offline_mnist_auto_fails_fast_listing_every_attempt(tmp_path, monkeypatch, no_network):
-  monkeypatch.setattr(ip, 'STANDARD_LOCAL_ROOT', str(tmp_path / 'root'))
+  monkeypatch.setattr(mnist_family, 'STANDARD_LOCAL_ROOT', str(tmp_path / 'root'))
   t0 = time.time()
   with pytest.raises(ip.DataUnavailableError) as e:
     ip.load_images(_config('mnist', data_dir=str(tmp_path / 'tfds')), 'train')

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from cm_jax import input_pipeline as ip
+from cm_jax.data import mnist_family
+from cm_jax.data import tfds_source
 
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09,
@@ -177,7 +179,7 @@ def test_load_tfds_mock(name):
 
 def test_load_auto_mock_uses_tfds(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(ip, 'STANDARD_LOCAL_ROOT', str(tmp_path))
+  monkeypatch.setattr(mnist_family, 'STANDARD_LOCAL_ROOT', str(tmp_path))
   with tfds.testing.mock_data(num_examples=5):
     x = ip.load_images(_config(name='mnist'), 'train')
   assert x.shape == (5, 28, 28, 1) and x.dtype == np.uint8
@@ -188,7 +190,7 @@ def test_load_auto_mock_uses_tfds(tmp_path, monkeypatch):
 def test_load_manual_dir(tmp_path, monkeypatch, source, gz):
   train, test = _make_idx_dir(tmp_path / 'idx', gz=gz)
   # 'auto' must not consult TFDS when manual_dir is set.
-  monkeypatch.setattr(ip, '_tfds_builder', None)
+  monkeypatch.setattr(tfds_source, 'make_builder', None)
   cfg = _config(source=source, manual_dir=str(tmp_path / 'idx'))
   np.testing.assert_array_equal(ip.load_images(cfg, 'train'), train)
   np.testing.assert_array_equal(ip.load_images(cfg, 'test'), test)
@@ -215,12 +217,12 @@ def test_error_local_missing(tmp_path):
 
 
 def test_error_auto_nothing_available(tmp_path, monkeypatch):
-  monkeypatch.setattr(ip, 'STANDARD_LOCAL_ROOT', str(tmp_path / 'root'))
+  monkeypatch.setattr(mnist_family, 'STANDARD_LOCAL_ROOT', str(tmp_path / 'root'))
 
   def offline(builder):
     raise OSError('network unreachable')
 
-  monkeypatch.setattr(ip, '_tfds_download', offline)
+  monkeypatch.setattr(tfds_source, 'download_and_prepare', offline)
   cfg = _config(name='mnist', data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(ip.DataUnavailableError) as e:
     ip.load_images(cfg, 'train')

@@ -21,7 +21,7 @@ class DatasetSpec:
   tfds_config: Optional[str] = None  # Default builder config (data.tfds_config overrides it).
   test_split: str = 'test'  # The TFDS split that cm_jax's 'test' reads.
   downloadable: bool = True  # Whether TFDS can download it without a login.
-  local_dirs: tuple[str, ...] = ()  # Directory names under input_pipeline.STANDARD_LOCAL_ROOT (MNIST family).
+  local_dirs: tuple[str, ...] = ()  # Directory names under mnist_family.STANDARD_LOCAL_ROOT (MNIST family).
   install_hint: str = ''  # How to get the data locally.
 
   @property
@@ -51,6 +51,14 @@ def dataset_spec(data_config: Any) -> tuple[str, DatasetSpec]:
   if name not in SUPPORTED:
     raise ValueError(f'Unknown dataset data.name={name!r}; supported: {sorted(SUPPORTED)}.')
   return name, SUPPORTED[name]
+
+
+def data_source(data_config: Any) -> str:
+  """data.source: 'auto', 'tfds' or 'local'; ValueError for anything else."""
+  source = data_config.get('source', 'auto')
+  if source not in ('auto', 'tfds', 'local'):
+    raise ValueError(f"data.source must be 'auto', 'tfds' or 'local', got {source!r}.")
+  return source
 
 
 def image_size(spec: DatasetSpec, data_config: Any) -> int:

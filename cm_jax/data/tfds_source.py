@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 
 from cm_jax.data import transforms
+from cm_jax.data.catalog import data_source, DatasetSpec
 from cm_jax.data.dataset import DataUnavailableError
 
 PROBE_TIMEOUT_S = 3.0  # TCP connect timeout of the network probe before a download.
@@ -145,6 +146,46 @@ def download_and_prepare(builder: Any, file_format: Optional[str] = None,
   except BaseException:
     _remove_new_directories(root, before)
     raise
+
+
+# ------------------------------------------------------------------------------- RGB datasets.
+def builder_name(spec: DatasetSpec, data_config: Any) -> str:
+  """'name/config' of the TFDS builder: data.tfds_config, else the dataset's default config."""
+  config = data_config.get('tfds_config', None) or spec.tfds_config
+  return f'{spec.tfds_name}/{config}' if config else spec.tfds_name
+
+
+def tfds_split(spec: DatasetSpec, split: str) -> str:
+  """The TFDS split that cm_jax's `split` reads ('test' may be TFDS's 'validation')."""
+  return spec.test_split if split == 'test' else split
+
+
+def prepared_builder(name: str, spec: DatasetSpec, data_config: Any) -> Any:
+  """The prepared TFDS builder of an RGB dataset: prepared data in data.data_dir, else a download."""
+  if data_source(data_config) == 'local':
+    raise ValueError(f"data.source = 'local' reads the MNIST family's IDX files and image folders; {name!r} comes "
+                     "from TFDS: set --config.data.source=auto (or tfds).")
+  tfds_name = builder_name(spec, data_config)
+  hint = spec.install_hint or prepare_hint(tfds_name, array_record=True)
+  try:
+    builder = make_builder(tfds_name, data_config.get('data_dir', None))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataUnavailableError(f'Dataset {name!r}: no TFDS builder {tfds_name!r} ({type(e).__name__}: {e}). '
+                               'Check data.tfds_config.') from e
+  if builder.is_prepared():
+    logging.info('Dataset %s: using prepared TFDS data in %s.', name, builder.data_dir)
+    return builder
+  if not spec.downloadable:
+    raise DataUnavailableError(f'Dataset {name!r} ({tfds_name}) is not prepared in {builder.data_dir}, and {hint}.')
+  logging.info('Dataset %s: no prepared TFDS data in %s; downloading and preparing it (ArrayRecord).', name,
+               builder.data_dir)
+  try:
+    download_and_prepare(builder, file_format='array_record')
+  except Exception as e:  # pylint: disable=broad-except
+    why = str(e)[:300] if isinstance(e, DataUnavailableError) else f'{type(e).__name__}: {str(e)[:300]}'
+    raise DataUnavailableError(f'Dataset {name!r} ({tfds_name}) is not prepared in {builder.data_dir}, and the TFDS '
+                               f'download failed: {why}.\nTo fix: {hint}.') from e
+  return builder
 
 
 # ---------------------------------------------------------------------------------------- Reading.
