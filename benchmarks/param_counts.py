@@ -23,7 +23,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 from cm_jax import models  # pylint: disable=g-import-not-at-top
-from cm_jax import train_state  # pylint: disable=g-import-not-at-top
+from cm_jax.data import catalog  # pylint: disable=g-import-not-at-top
 
 PAPER_CONFIGS = (
     'configs/cifar10_ct.py', 'configs/cifar10_edm.py', 'configs/cifar10_cd.py', 'configs/cifar10_ect.py',
@@ -43,7 +43,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the training images, from config.data alone (no data is read)."""
-  return tuple(train_state.image_shape(config))
+  return tuple(catalog.image_shape(config.data))
 
 
 def param_shapes(config: ml_collections.ConfigDict):

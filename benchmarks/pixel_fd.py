@@ -17,7 +17,9 @@ from absl import flags
 import numpy as np
 
 from cm_jax import inference
+
 from cm_jax import input_pipeline
+from cm_jax import samplers
 
 flags.DEFINE_string('workdir', None, 'Run directory.', required=True)
 flags.DEFINE_integer('num', 2000, 'Samples per setting.')
@@ -66,7 +68,7 @@ def main(_):
       times_list = [[float(t)] for t in FLAGS.two_step_ts] if steps == 2 and FLAGS.two_step_ts else [None]
       settings = []
       for times in times_list:
-        ts_used = inference.sampling_times(model.config, steps, times)
+        ts_used = samplers.sampling_times(model.config, steps, times)
         settings.append(('consistency', times, f'{steps}step' + (f'_t{ts_used[0]:g}' if ts_used else '')))
     for sampler, times, name in settings:
       t0 = time.time()

@@ -3,7 +3,7 @@ r"""Sampling throughput: one-step, two-step and the EDM teacher's Heun sampler; 
   python benchmarks/sampling.py --config=configs/fashion_mnist_ct.py [--samplers=onestep,twostep,heun]
       [--batch_sizes=250,1000] [--num=10000] [--num_heun=1000] [--config.model.ch=64 ...]
 
-Times `cm_jax.inference.make_sample_fn` + `sample_in_batches`, the code path of `python -m cm_jax.sample`, on
+Times `cm_jax.samplers.make_sample_fn` + `sample_in_batches`, the code path of `python -m cm_jax.sample`, on
 randomly initialised parameters of the config's network (speed does not depend on the weights; no checkpoint
 is needed). The Heun sampler runs the same network as an EDM denoiser (the config with loss.name = 'edm',
 config.sampling.diffusion_steps steps, 2 steps - 1 network calls). Per (sampler, batch size), one batch is
@@ -37,8 +37,11 @@ XLA_NOTE = xla_flags.apply()  # The CLIs' XLA CPU settings, before any computati
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from cm_jax import inference  # pylint: disable=g-import-not-at-top
+from cm_jax import samplers  # pylint: disable=g-import-not-at-top
+
 from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+from cm_jax.core import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
+from cm_jax.data import catalog  # pylint: disable=g-import-not-at-top
 
 SAMPLERS = ('onestep', 'twostep', 'heun')
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'fashion_mnist_ct.py')
@@ -60,27 +63,27 @@ def sampler_and_config(config, name: str):
     edm = config.copy_and_resolve_references()
     with edm.unlocked():
       edm.loss.name = 'edm'
-    return inference.make_sampler(edm, 'heun'), edm
-  return inference.make_sampler(config, steps=1 if name == 'onestep' else 2), config
+    return samplers.make_sampler(edm, 'heun'), edm
+  return samplers.make_sampler(config, steps=1 if name == 'onestep' else 2), config
 
 
 def benchmark(config, name: str, sampler_name: str, batch_size: int, num: int) -> dict:
   spec, run_config = sampler_and_config(config, sampler_name)
-  denoiser = inference.make_denoiser(run_config)
-  image_shape = tuple(ts.image_shape(run_config))
+  denoiser = denoiser_lib.make_denoiser(run_config)
+  image_shape = tuple(catalog.image_shape(run_config.data))
   # The network's parameters as training initialises them (the EMA copies are the same tree).
   params = jax.jit(functools.partial(ts.init_state, run_config, ts.make_optimizer(run_config)))().params
-  labels = inference.draw_labels(run_config, num, seed=0)
-  sample_fn = inference.make_sample_fn(denoiser, run_config)
+  labels = samplers.draw_labels(run_config, num, seed=0)
+  sample_fn = samplers.make_sample_fn(denoiser)
   t0 = time.perf_counter()
-  first = inference.sample_in_batches(sample_fn, params, spec, min(batch_size, num), 0, batch_size, image_shape,
+  first = samplers.sample_in_batches(sample_fn, params, spec, min(batch_size, num), 0, batch_size, image_shape,
                                       labels=None if labels is None else labels[:min(batch_size, num)],
                                       progress_label='Compiling')
   compile_s = time.perf_counter() - t0
   if not np.all(np.isfinite(first)):
     raise RuntimeError(f'{sampler_name}: non-finite samples')
   t0 = time.perf_counter()
-  samples = inference.sample_in_batches(sample_fn, params, spec, num, 1, batch_size, image_shape, labels=labels)
+  samples = samplers.sample_in_batches(sample_fn, params, spec, num, 1, batch_size, image_shape, labels=labels)
   sample_s = time.perf_counter() - t0
   assert samples.shape == (num,) + image_shape
   calls = spec.steps if spec.name in ('consistency', 'euler') else 2 * spec.steps - 1

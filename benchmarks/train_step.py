@@ -50,11 +50,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disa
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 from cm_jax.core import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
 from cm_jax.core import losses  # pylint: disable=g-import-not-at-top
-from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-from cm_jax.train_step import train_step  # pylint: disable=g-import-not-at-top
+from cm_jax.data import catalog  # pylint: disable=g-import-not-at-top
 from cm_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+from cm_jax.train_step import train_step  # pylint: disable=g-import-not-at-top
+from cm_jax.train_step import UpdateSettings  # pylint: disable=g-import-not-at-top
 
 XLA_NOTE = xla_flags.apply()  # Training's XLA CPU settings (cm_jax/runtime/xla_flags.py), before any computation.
 
@@ -259,7 +261,7 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P('data'))
 
-  image_shape = ts.image_shape(config)
+  image_shape = catalog.image_shape(config.data)
   tx = ts.make_optimizer(config)
   abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -273,7 +275,7 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
     teacher_params = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.0, p), out_shardings=replicated)(state.params)
   objective = losses.make_loss(config, image_shape, denoiser_lib.make_denoiser(config), teacher)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, target_decay=objective.target_decay,
-                                      tx=tx, config=config),
+                                      tx=tx, settings=UpdateSettings.of(config)),
                     in_shardings=(state_sharding, batch_sharding, replicated),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   batch = synthetic_batch(config, image_shape, batch_sharding)

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cm_jax.configs import common as config_lib
 from cm_jax.runtime import errors
 from cm_jax.runtime import multihost
 from cm_jax.runtime import paths
 from cm_jax.runtime import sharding
-from cm_jax.configs import default as default_config
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 # What a damaged checkpoint raises on restore is not one type: OS errors, TensorStore's ValueErrors, the JSON
@@ -339,7 +339,7 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     check_no_links(manager, step)
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     try:
-      check_compatible(config_from_json_dict(meta.config), config, workdir)
+      check_compatible(config_lib.config_from_json_dict(meta.config), config, workdir)
       check_same_data(meta.data, data, workdir)
     except Exception as e:  # pylint: disable=broad-except
       refused.append(e)  # A mismatch is the user's to fix: it propagates, never skipped as damage.
@@ -478,7 +478,7 @@ def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -
   """The config a checkpoint was written with."""
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return config_from_json_dict(restored.config)
+  return config_lib.config_from_json_dict(restored.config)
 
 
 # Fields that decide the shapes in the train state (or the data): a resumed run must keep them.
@@ -489,7 +489,7 @@ STRUCTURAL_FIELDS = ('model', 'data.name', 'data.pad_to', 'data.image_size', 'da
 
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError if `config` cannot resume the checkpoint written with `saved`; logs other changes."""
-  old, new = flatten_dict(saved.to_dict()), flatten_dict(config.to_dict())
+  old, new = config_lib.flatten_dict(saved.to_dict()), config_lib.flatten_dict(config.to_dict())
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fatal = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STRUCTURAL_FIELDS)]
   if fatal:
@@ -499,40 +499,3 @@ def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.Co
   for k in changed:
     logging.warning('Resuming with config.%s = %r (the checkpoint was written with %r).', k, new.get(k),
                     old.get(k))
-
-
-def flatten_dict(d: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten_dict(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
-  return out
-
-
-def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
-  """ConfigDict from its JSON form, on top of cm_jax/configs/default.py.
-
-  Lists become tuples again (configs use tuples for sequences); fields added to cm_jax after the
-  checkpoint was written take their defaults, so older runs stay loadable.
-  """
-  def fix(v):
-    if isinstance(v, dict):
-      return {k: fix(x) for k, x in v.items()}
-    if isinstance(v, list):
-      return tuple(fix(x) for x in v)
-    return v
-
-  def merge(base: dict, saved: dict) -> dict:
-    out = dict(base)
-    for k, v in saved.items():
-      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-  d = fix(d)
-  training = d.get('training', {})
-  if isinstance(training.get('ema_warmup'), bool):  # Before 2026-11-29 a bool: True was today's 'capped'.
-    training['ema_warmup'] = 'capped' if training['ema_warmup'] else 'none'
-  return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), d))

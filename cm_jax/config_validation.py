@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from cm_jax.runtime import errors
 from cm_jax import input_pipeline
+from cm_jax.data import catalog
 from cm_jax.input_pipeline import MNIST_FAMILY
+from cm_jax.runtime import errors
 
 CHOICES = {
     'data.source': ('auto', 'tfds', 'local'),
@@ -155,7 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if mc.class_conditional:
     _require(mc.num_classes >= 2, 'model.num_classes',
              f'a class-conditional model needs the number of classes (>= 2), got {mc.num_classes}.')
-  size = input_pipeline.image_shape(dc)[0]
+  size = catalog.image_shape(dc)[0]
   _require(mc.patch_size >= 1, 'model.patch_size', f'must be >= 1 (1: no patches), got {mc.patch_size}.')
   _require(size % mc.patch_size == 0, 'model.patch_size',
            f'the image size {size} does not divide by the patch size {mc.patch_size}.')

@@ -30,16 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cm_jax.runtime import cli
-from cm_jax.core import editing
-from cm_jax.runtime import errors
-from cm_jax.runtime import images as images_lib
 from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax.runtime import multihost
-from cm_jax.runtime import paths
-from cm_jax.runtime import progress as progress_lib
+from cm_jax.core import editing
 from cm_jax.core import sampling
+from cm_jax.runtime import cli
+from cm_jax.runtime import device_map
+from cm_jax.runtime import errors
+from cm_jax.runtime import images as images_lib
+from cm_jax.runtime import multihost
+from cm_jax.runtime import npz_files
+from cm_jax.runtime import paths
 from cm_jax.runtime import sharding
 
 FLAGS = flags.FLAGS
@@ -114,34 +115,10 @@ def load_images(path: str) -> np.ndarray:
   if path.endswith('.png'):
     return _png(path)[None]
   if path.endswith('.npz'):
-    return _npz_images(path)
+    return npz_files.read_images(path, '--input')
   if not os.path.exists(path):
     raise errors.InputFileError(f'--input={path}: no such file or directory.')
   raise errors.UsageError(f'--input={path}: expected an .npz file, a .png file or a directory of PNGs.')
-
-
-def _npz_images(path: str) -> np.ndarray:
-  """uint8 (N, H, W, C) from key 'arr_0' (or the only key) of an npz; never unpickles (allow_pickle=False)."""
-  if not os.path.isfile(path):
-    raise errors.InputFileError(f'--input={path}: no such file.')
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      keys = list(data.keys())
-      key = 'arr_0' if 'arr_0' in keys else (keys[0] if len(keys) == 1 else None)
-      if key is None:
-        raise errors.InputFileError(f"--input={path} has keys {keys}; expected 'arr_0' or a single array.")
-      arr = data[key]
-  except errors.UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (not a zip, truncated, object arrays, ...)
-    raise errors.InputFileError(f'--input={path} is not a readable .npz of images ({one_line_reason(e)}); write '
-                                'it with numpy.savez (uint8 images, as cm_jax.sample does).') from None
-  if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
-    raise errors.InputFileError(f"--input={path}: array '{key}' is {arr.dtype} {arr.shape}; expected uint8 "
-                                '(N, H, W, C) or (N, H, W).')
-  if arr.shape[0] == 0 or 0 in arr.shape[1:]:
-    raise errors.InputFileError(f"--input={path}: array '{key}' has shape {arr.shape}: no images in it.")
-  return arr[..., None] if arr.ndim == 3 else arr
 
 
 def match_model(images_NHWC: np.ndarray, image_shape: tuple[int, int, int], what: str = 'input') -> np.ndarray:
@@ -177,29 +154,6 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Editing
 # --------------------------------------------------------------------------------------------------
-def _batched(fn, arrays: Sequence[np.ndarray], batch_size: int, num: int,
-             mesh: Optional[jax.sharding.Mesh] = None, progress_label: Optional[str] = None,
-             unit: str = 'images') -> np.ndarray:
-  """fn(start, *batch) over batches of one size, min(batch_size, num) (the last is padded by repetition,
-  then cut). With a mesh the size is rounded up to a multiple of its device count, the batch arrays reach fn
-  split over its devices (sharding.shard_batch), and every process gets all of fn's rows back. With a
-  progress_label, process 0 logs progress lines (rate, ETA) as rows come back."""
-  batch_size = min(batch_size, num)
-  if mesh is not None:
-    batch_size = sharding.padded_batch_size(batch_size, mesh)
-  progress = progress_lib.Progress(progress_label or '', total=num, unit=unit,
-                                   enabled=progress_label is not None and jax.process_index() == 0)
-  out = []
-  for start in range(0, num, batch_size):
-    batch = [sharding.pad_rows(a[start:start + batch_size], batch_size) for a in arrays]
-    if mesh is not None:
-      batch = [sharding.shard_batch(b, mesh) for b in batch]
-    out.append(sharding.to_host(fn(start, *batch))[:num - start])
-    progress.update(len(out[-1]))
-  progress.done()
-  return np.concatenate(out)[:num]
-
-
 def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.ndarray], *, mask: str = 'center',
              factor: int = 2, sigma: float = 0.5, ts: Optional[Sequence[float]] = None, seed: int = 0,
              num: int = 16, alphas: int = 8, batch_size: int = 64,
@@ -261,7 +215,8 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
 
     def run_interp(start, index):
       return interp(params, keys_of(edit_seed, start, len(index)), keys_of(degrade_seed, start, len(index)))
-    x = _batched(run_interp, [np.arange(num)], batch_size, num, mesh, 'Editing (interpolate)', 'noise pairs')
+    x = device_map.map_batches(run_interp, [np.arange(num)], num, batch_size, mesh,
+                               progress_label='Editing (interpolate)', unit='noise pairs')
     return {'result': input_pipeline.to_uint8(x)}
 
   if clean_uint8 is None:
@@ -286,15 +241,16 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   else:  # denoise
     if not cc.sigma_min <= sigma <= cc.sigma_max:
       raise ValueError(f'--sigma={sigma} is outside [{cc.sigma_min}, {cc.sigma_max}] (sigma_min, sigma_max).')
-    noise = _batched(lambda start, x: jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(
-        sampling.example_keys(degrade_seed, start, len(x))), [x_clean], batch_size, num)
+    noise = device_map.map_batches(lambda start, x: jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(
+        sampling.example_keys(degrade_seed, start, len(x))), [x_clean], num, batch_size)
     degraded = x_clean + np.float32(sigma) * noise
     edit_fn = lambda fn, x, keys: editing.denoise(fn, x, sigma, **bounds, clip=clip)
 
   run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys), in_shardings=(replicated, batch, batch),
                 out_shardings=batch)
-  result = _batched(lambda start, x: run(params, x, keys_of(edit_seed, start, len(x))),
-                    [np.asarray(degraded, np.float32)], batch_size, num, mesh, f'Editing ({task})')
+  result = device_map.map_batches(lambda start, x: run(params, x, keys_of(edit_seed, start, len(x))),
+                                [np.asarray(degraded, np.float32)], num, batch_size, mesh,
+                                progress_label=f'Editing ({task})')
   return {'original': clean_uint8, 'degraded': input_pipeline.to_uint8(degraded),
           'result': input_pipeline.to_uint8(result)}
 

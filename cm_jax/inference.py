@@ -5,160 +5,32 @@
 
 Consistency models (loss 'ct', 'cd', 'ect') use CM Algorithm 1 ('consistency' sampler, 1 or more steps);
 EDM teachers (loss 'edm') use the EDM ODE sampler ('heun' or 'euler', default 18 Karras steps).
+This module only composes: checkpoints from cm_jax/checkpointing.py, sampler specs and sharded sampling from
+cm_jax/samplers.py, the network from cm_jax/core/denoiser.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from absl import logging
 import jax
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
 from cm_jax import checkpointing
-from cm_jax.runtime import errors
-from cm_jax import input_pipeline
-from cm_jax.core import karras
-from cm_jax.runtime import progress as progress_lib
-from cm_jax.core import sampling
-from cm_jax.runtime import sharding
+from cm_jax import samplers
 from cm_jax import train_state as ts
+from cm_jax.core import pixels
+from cm_jax.core.denoiser import Denoiser, is_diffusion_model, make_denoiser
+from cm_jax.data import catalog
+from cm_jax.runtime import errors
+from cm_jax.runtime import sharding
 from cm_jax.runtime import xla_flags
 # Notebooks sample through this module: give them cm_jax's XLA CPU settings too (a no-op once a backend runs).
 xla_flags.apply()
-
-# make_denoiser and is_diffusion_model live beside the Denoiser (light imports); re-exported for callers.
-from cm_jax.core.denoiser import Denoiser, is_diffusion_model, make_denoiser  # pylint: disable=unused-import
-
-# Class labels of a class-conditional model: None (drawn uniformly), one class for all samples, or one each.
-LabelsArg = Union[None, int, Sequence[int], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-  """How to sample: 'consistency' (CM Algorithm 1 with intermediate `times`) or 'heun'/'euler' (EDM ODE).
-
-  start_t: consistency sampling's first time, x = start_t z and f(x, start_t) (None: consistency.sigma_max).
-  """
-  name: str
-  steps: int
-  times: tuple[float, ...] = ()
-  start_t: Optional[float] = None
-
-  def describe(self) -> str:
-    if self.name == 'consistency':
-      return (f'{self.steps}-step consistency sampling' + (f', times {self.times}' if self.times else '') +
-              (f', from t = {self.start_t:g}' if self.start_t is not None else ''))
-    calls = 2 * self.steps - 1 if self.name == 'heun' else self.steps
-    return f'EDM {self.name} sampler, {self.steps} steps ({calls} network calls)'
-
-
-def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = None, steps: Optional[int] = None,
-                 ts_: Optional[Sequence[float]] = None) -> Sampler:
-  """Resolves (and checks) a sampler for the model `config` describes; None picks the config's defaults."""
-  if is_diffusion_model(config):
-    sampler = config.sampling.diffusion_solver if sampler is None else sampler
-    if sampler not in sampling.ODE_SOLVERS:
-      raise ValueError(f"sampler {sampler!r}: this run is an EDM diffusion model (loss.name = 'edm'); sample it "
-                       f"with {' or '.join(repr(name) for name in sampling.ODE_SOLVERS)}.")
-    if ts_ is not None:
-      raise ValueError('Intermediate times (--ts) are for consistency sampling; the EDM sampler uses the '
-                       'Karras grid of --steps points.')
-    if config.sampling.start_t is not None:
-      raise ValueError('sampling.start_t (--start_t) is for consistency sampling; the EDM sampler starts at '
-                       'consistency.sigma_max.')
-    steps = config.sampling.diffusion_steps if steps is None else steps
-    if steps < 1:
-      raise ValueError(f'steps must be >= 1, got {steps}.')
-    return Sampler(sampler, int(steps))
-  sampler = 'consistency' if sampler is None else sampler
-  if sampler != 'consistency':
-    raise ValueError(f"sampler {sampler!r}: this run is a consistency model (loss.name = "
-                     f"{config.loss.name!r}); sample it with 'consistency' (the Heun and Euler samplers need an "
-                     "EDM denoiser).")
-  steps = 1 if steps is None else steps
-  start_t = None if config.sampling.start_t is None else start_time(config)
-  return Sampler('consistency', int(steps), sampling_times(config, steps, ts_), start_t)
-
-
-def start_time(config: ml_collections.ConfigDict) -> float:
-  """Consistency sampling's first time: sampling.start_t (checked to lie in (sigma_min, sigma_max]), else
-  consistency.sigma_max."""
-  cc = config.consistency
-  if config.sampling.start_t is None:
-    return float(cc.sigma_max)
-  start_t = float(config.sampling.start_t)
-  if not cc.sigma_min < start_t <= cc.sigma_max:
-    raise ValueError(f'sampling.start_t = {start_t:g} must lie in (sigma_min, sigma_max] = '
-                     f'({cc.sigma_min:g}, {cc.sigma_max:g}].')
-  return start_t
-
-
-def set_start_time(config: ml_collections.ConfigDict, start_t: Optional[float]) -> None:
-  """Sets config.sampling.start_t (the --start_t of the CLIs; None keeps the run's) and checks it."""
-  if start_t is not None:
-    config.sampling.start_t = start_t
-    start_time(config)
-
-
-def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
-  """The two panels of the training-time sample grids: one and two steps, or Heun and Euler for EDM."""
-  if is_diffusion_model(config):
-    return make_sampler(config, 'heun'), make_sampler(config, 'euler')
-  return make_sampler(config, steps=1), make_sampler(config, steps=2)
-
-
-def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHWC: tuple[int, ...],
-                     sampler: Sampler, config: ml_collections.ConfigDict,
-                     times: Optional[jax.Array] = None, labels_B: Optional[jax.Array] = None) -> jax.Array:
-  """Samples in [-1, 1], one per key (example i depends only on keys[i] and labels_B[i]); jit-able with
-  `sampler` static.
-
-  times: None for sampler.times, else a (steps - 1,) array of intermediate times used instead (traced).
-  labels_B: the class of each sample for a class-conditional model, else None.
-  """
-  cc = config.consistency
-
-  def denoise_fn(x_BHWC, sigma_B):
-    return denoiser(params, x_BHWC, sigma_B, labels_B=labels_B)
-
-  z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
-  if sampler.name == 'consistency':
-    times = sampler.times if times is None else times
-    start_t = cc.sigma_max if sampler.start_t is None else sampler.start_t
-    return sampling.multistep_sample(denoise_fn, z, noise, times, sigma_min=cc.sigma_min,
-                                     sigma_max=start_t, clip=config.sampling.clip)
-  sigmas = karras.edm_sampling_sigmas(sampler.steps, cc.sigma_min, cc.sigma_max, cc.rho)
-  return sampling.diffusion_sample(denoise_fn, z, sigmas, sampler.name, clip=config.sampling.clip)
-
-
-def sampling_times(config: ml_collections.ConfigDict, steps: int,
-                   ts_: Optional[Sequence[float]] = None) -> tuple[float, ...]:
-  """The descending intermediate times of `steps`-step sampling: ts_ if given, else the config's defaults.
-
-  Two steps default to config.sampling.two_step_t; other counts to the interior of a Karras grid.
-  """
-  cc = config.consistency
-  two_step_default = ts_ is None and steps == 2
-  if two_step_default:
-    ts_ = (config.sampling.two_step_t,)
-  elif ts_ is None:
-    ts_ = sampling.default_times(steps, cc.sigma_min, cc.sigma_max, cc.rho)
-  if len(ts_) != steps - 1:
-    raise ValueError(f'{steps}-step sampling needs {steps - 1} intermediate times, got {len(ts_)}: {ts_}.')
-  first = start_time(config)
-  try:
-    return sampling.validate_times(ts_, cc.sigma_min, first)
-  except ValueError as e:
-    if not two_step_default:
-      raise
-    # E.g. a --start_t below the run's two-step time: name the config field, not --ts.
-    raise ValueError(f'sampling.two_step_t = {ts_[0]:g} does not lie in (sigma_min, start time) = '
-                     f'({cc.sigma_min:g}, {first:g}); give two-step sampling\'s time with --ts.') from e
 
 
 @dataclasses.dataclass
@@ -176,11 +48,11 @@ class LoadedModel:
 
   @functools.cached_property
   def _sample_fn(self):
-    return make_sample_fn(self.denoiser, self.config)
+    return samplers.make_sample_fn(self.denoiser)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    return ts.image_shape(self.config)
+    return catalog.image_shape(self.config.data)
 
   @property
   def is_diffusion_model(self) -> bool:
@@ -191,17 +63,17 @@ class LoadedModel:
     """Classes of a class-conditional model; 0 for an unconditional one."""
     return int(self.config.model.num_classes) if self.config.model.class_conditional else 0
 
-  def labels(self, num: int, seed: int = 0, labels: LabelsArg = None) -> Optional[np.ndarray]:
+  def labels(self, num: int, seed: int = 0, labels: samplers.LabelsArg = None) -> Optional[np.ndarray]:
     """The class labels int32 (num,) that sampling with these arguments uses (None: unconditional model).
 
     labels: None draws them uniformly (label i depends only on (seed, i)), an int gives every sample that
     class, an array gives one label per sample.
     """
-    return resolve_labels(self.config, num, seed, labels)
+    return samplers.resolve_labels(self.config, num, seed, labels)
 
   def sample_float(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None,
                    seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None,
-                   labels: LabelsArg = None) -> np.ndarray:
+                   labels: samplers.LabelsArg = None) -> np.ndarray:
     """num samples in [-1, 1], float32 (num, H, W, C). Sample i depends only on (seed, i, its label, params,
     sampler).
 
@@ -210,147 +82,14 @@ class LoadedModel:
     config.sampling.diffusion_steps (EDM). ts: intermediate times of consistency sampling. labels: for a
     class-conditional model, None (uniform; see `labels`), a class, or one label per sample.
     """
-    spec = make_sampler(self.config, sampler, steps, ts)
-    return sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape,
+    spec = samplers.make_sampler(self.config, sampler, steps, ts)
+    return samplers.sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape,
                              self.labels(num, seed, labels))
 
   def sample(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None, seed: int = 0,
-             batch_size: int = 256, sampler: Optional[str] = None, labels: LabelsArg = None) -> np.ndarray:
+             batch_size: int = 256, sampler: Optional[str] = None, labels: samplers.LabelsArg = None) -> np.ndarray:
     """num samples as uint8 (num, H, W, C), the layout of the OpenAI evaluation suite's npz files."""
-    return input_pipeline.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler, labels))
-
-
-def make_sample_fn(denoiser: Denoiser, config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None):
-  """jit(sample_from_keys) as run(params, keys, sampler, shape_BHWC, labels=None), split over the devices of
-  `mesh` (default: every device of every process, sharding.make_mesh()).
-
-  The batch axis of keys, labels and samples is sharded over the mesh's 'data' axis and params are
-  replicated, so each of the n devices computes B / n samples. A batch that n does not divide is padded to a
-  multiple of n (the last key repeated) and the result cut back to B rows. Returns a global jax.Array
-  (`sharding.to_host` brings all of it to every process). In a multi-process run every process calls run
-  with the same keys and labels. `run.mesh` is the mesh.
-
-  Compiled once per (sampler name, steps, shape): the intermediate times are a traced argument, so trying
-  many times (the two-step search) does not recompile.
-  """
-  mesh = sharding.make_mesh() if mesh is None else mesh
-  replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-
-  @functools.partial(jax.jit, static_argnames=('sampler', 'shape'),
-                     in_shardings=(replicated, batch, replicated, batch), out_shardings=batch)
-  def traced(params, keys, times, labels, sampler, shape):
-    return sample_from_keys(denoiser, params, keys, shape, sampler, config, times=times, labels_B=labels)
-
-  def arguments(params, keys, sampler: Sampler, shape, labels):
-    num = keys.shape[0]
-    if shape[0] != num:
-      raise ValueError(f'{num} keys for a batch of shape {tuple(shape)}.')
-    size = sharding.padded_batch_size(num, mesh)
-    keys = sharding.shard_batch(sharding.pad_rows(keys, size), mesh)
-    if labels is not None:
-      labels = labels if isinstance(labels, jax.Array) else np.asarray(labels, np.int32)
-      labels = sharding.shard_batch(sharding.pad_rows(labels, size), mesh)
-    times = np.asarray(sampler.times, np.float32)
-    # Params in another layout (FSDP-sharded) are gathered; already replicated ones are not copied.
-    params = sharding.replicate(params, mesh)
-    if mesh.is_multi_process:  # jit takes only global arrays there.
-      times = sharding.replicate(times, mesh)
-    placeholder = dataclasses.replace(sampler, times=(0.0,) * len(sampler.times))  # The static part only.
-    return (params, keys, times, labels, placeholder, (size,) + tuple(shape[1:])), num
-
-  def run(params, keys, sampler: Sampler, shape, labels=None):
-    args, num = arguments(params, keys, sampler, shape, labels)
-    x = traced(*args)
-    return x if x.shape[0] == num else x[:num]
-
-  def lower(params, keys, sampler: Sampler, shape, labels=None):
-    """The jax.stages.Lowered program that run(...) executes with these arguments (for cost and HLO checks)."""
-    return traced.lower(*arguments(params, keys, sampler, shape, labels)[0])
-
-  run.mesh, run.lower = mesh, lower
-  return run
-
-
-def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int, batch_size: int,
-                      image_shape: tuple[int, ...], labels: Optional[np.ndarray] = None,
-                      before_batch: Optional[Callable[[], None]] = None,
-                      progress_label: Optional[str] = None) -> np.ndarray:
-  """num samples in [-1, 1] as float32 numpy, from `sample_fn(params, keys, spec, shape, labels)` (a jitted
-  `sample_from_keys`). Sample i uses key fold_in(PRNGKey(seed), i) and labels[i], whatever the batch size.
-
-  For a `make_sample_fn` function each batch is split over its mesh: min(batch_size, num) is rounded up to
-  a multiple of the device count (rows past num get the keys of the following indices and are dropped), and
-  every process gets all num samples (in a multi-process run every process must call this together).
-  before_batch() runs before each batch (training passes its preemption check, which may raise).
-  Process 0 logs progress (images/s, ETA; cm_jax.runtime.progress) as `progress_label`, by default 'Sampling (2-step
-  consistency, times 0.821)' or the like, so that an evaluation of several samplers says which one is running.
-  """
-  if num < 1 or batch_size < 1:
-    raise ValueError(f'num and batch_size must be >= 1, got {num}, {batch_size}.')
-  if labels is not None and len(labels) != num:
-    raise ValueError(f'{len(labels)} labels for {num} samples.')
-  mesh = getattr(sample_fn, 'mesh', None)
-  batch_size = min(batch_size, num)
-  if mesh is not None:
-    batch_size = sharding.padded_batch_size(batch_size, mesh)
-    params = sharding.replicate(params, mesh)  # Once, not at every batch.
-  seed_key = jax.random.PRNGKey(seed)
-  out = []
-  if progress_label is None:
-    times = f", times {', '.join(f'{t:.4g}' for t in spec.times)}" if spec.times else ''
-    progress_label = (f'Sampling ({spec.steps}-step consistency{times})' if spec.name == 'consistency' else
-                      f'Sampling (EDM {spec.name}, {spec.steps} steps)')
-  progress = progress_lib.Progress(progress_label, total=num, unit='images', enabled=jax.process_index() == 0)
-  for start in range(0, num, batch_size):
-    if before_batch is not None:
-      before_batch()
-    keys = sampling.example_keys(seed_key, start, batch_size)  # The last batch is padded, then cut.
-    batch_labels = None
-    if labels is not None:
-      batch_labels = np.zeros((batch_size,), np.int32)
-      batch_labels[:min(batch_size, num - start)] = labels[start:start + batch_size]
-    x = sample_fn(params, keys, spec, (batch_size,) + tuple(image_shape), batch_labels)
-    out.append(sharding.to_host(x)[:num - start])
-    progress.update(len(out[-1]))  # Counted once on the host: no synchronisation beyond to_host's own.
-  progress.done()
-  return np.concatenate(out)[:num]
-
-
-def draw_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> Optional[np.ndarray]:
-  """Uniform class labels int32 (num,) for a class-conditional model (None otherwise); label i depends only on
-  (seed, i), so a longer draw extends a shorter one."""
-  if not config.model.class_conditional:
-    return None
-  return np.random.default_rng((seed, 0x1abe1)).integers(0, config.model.num_classes, num).astype(np.int32)
-
-
-def resolve_labels(config: ml_collections.ConfigDict, num: int, seed: int,
-                   labels: LabelsArg = None) -> Optional[np.ndarray]:
-  """The labels of `num` samples: drawn uniformly (None), one class for all (an int), or as given (an array).
-
-  Raises ValueError for labels given to an unconditional model and for labels outside [0, num_classes).
-  """
-  if not config.model.class_conditional:
-    if labels is not None:
-      raise ValueError('This model is unconditional (model.class_conditional = False): it takes no class labels.')
-    return None
-  if labels is None:
-    return draw_labels(config, num, seed)
-  k = config.model.num_classes
-  out = np.full((num,), labels, np.int32) if np.ndim(labels) == 0 else np.asarray(labels, np.int32)
-  if out.shape != (num,):
-    raise ValueError(f'Expected one class label per sample ({num}), got an array of shape {out.shape}.')
-  if out.size and (out.min() < 0 or out.max() >= k):
-    bad = sorted({int(v) for v in out if not 0 <= v < k})[:10]
-    raise ValueError(f'Class labels must lie in [0, {k}) (model.num_classes = {k}); got {bad}.')
-  return out
-
-
-def grid_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndarray]:
-  """Labels of the training-time sample grids: classes 0, 1, 2, ... in turn (None for unconditional models)."""
-  if not config.model.class_conditional:
-    return None
-  return (np.arange(num) % config.model.num_classes).astype(np.int32)
+    return pixels.to_uint8(self.sample_float(num, steps, ts, seed, batch_size, sampler, labels))
 
 
 def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] = None) -> LoadedModel:

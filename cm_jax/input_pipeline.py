@@ -30,11 +30,11 @@ from cm_jax.data import tfds_source
 from cm_jax.data.dataset import (array_fingerprint, ArrayDataset, Dataset,  # pylint: disable=unused-import
                                  DataUnavailableError)
 from cm_jax.data.idx import read_idx  # pylint: disable=unused-import
-# The dataset table, image shapes and pixel scaling live in light modules (no TFDS, PIL or absl) that the train
-# step and benchmarks import; re-exported here.
-from cm_jax.data.catalog import DatasetSpec, image_shape, SUPPORTED  # pylint: disable=unused-import
-from cm_jax.data.catalog import data_source as _source, dataset_spec as _spec, image_size as _size
+# The dataset table and pixel scaling live in light modules (no TFDS, PIL or absl) that the train step and
+# benchmarks import; re-exported here (image shapes: cm_jax.data.catalog.image_shape, the one door).
 from cm_jax.core.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
+from cm_jax.data.catalog import data_source as _source, dataset_spec as _spec, image_size as _size
+from cm_jax.data.catalog import DatasetSpec, SUPPORTED  # pylint: disable=unused-import
 
 MNIST_FAMILY = ('mnist', 'fashion_mnist')
 

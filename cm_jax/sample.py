@@ -20,10 +20,11 @@ from absl import logging
 import jax
 import numpy as np
 
+from cm_jax import inference
+from cm_jax import samplers
 from cm_jax.runtime import cli
 from cm_jax.runtime import errors
 from cm_jax.runtime import images
-from cm_jax import inference
 from cm_jax.runtime import multihost
 from cm_jax.runtime import paths
 
@@ -70,14 +71,14 @@ def main(argv):
   cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
                            'lower --num, or sample in parts with different --seed values.')
   try:
-    inference.set_start_time(model.config, FLAGS.start_t)
+    samplers.set_start_time(model.config, FLAGS.start_t)
   except ValueError as e:
     raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
   try:
-    spec = inference.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
+    spec = samplers.make_sampler(model.config, FLAGS.sampler, FLAGS.steps, times)
   except ValueError as e:
     raise errors.UsageError(str(e)) from e
-  try:  # inference.resolve_labels checks the label against the model.
+  try:  # samplers.resolve_labels checks the label against the model.
     labels = model.labels(FLAGS.num, FLAGS.seed, FLAGS.class_label)
   except ValueError as e:
     raise errors.UsageError(f'--class_label={FLAGS.class_label}: {e}') from e

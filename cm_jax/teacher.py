@@ -16,6 +16,7 @@ import numpy as np
 
 from cm_jax import checkpointing
 from cm_jax import inference
+from cm_jax.configs import common as config_lib
 from cm_jax.runtime import paths
 
 # Fields where the student must agree with its teacher whatever the initialisation.
@@ -78,8 +79,8 @@ def check_teacher(teacher_config: ml_collections.ConfigDict, config: ml_collecti
   if teacher_config.loss.name != 'edm':
     problems.append(f"it was trained with loss.name = {teacher_config.loss.name!r}, not 'edm' (a teacher is an "
                     'EDM diffusion model)')
-  old = checkpointing.flatten_dict(teacher_config.to_dict())
-  new = checkpointing.flatten_dict(config.to_dict())
+  old = config_lib.flatten_dict(teacher_config.to_dict())
+  new = config_lib.flatten_dict(config.to_dict())
   for field in _SHARED_FIELDS:
     if old.get(field) != new.get(field):
       problems.append(f'{field}: teacher {old.get(field)!r}, student {new.get(field)!r}')

@@ -8,6 +8,7 @@ starting again in a workdir that holds a checkpoint resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -21,22 +22,25 @@ from ml_collections import config_flags
 import numpy as np
 
 from cm_jax import checkpointing
-from cm_jax.runtime import cli
 from cm_jax import config_validation
-from cm_jax.runtime import errors
-from cm_jax import evaluate as evaluate_lib
-from cm_jax.runtime import images
-from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax.core import losses
-from cm_jax.runtime import multihost
-from cm_jax.core import sampling
-from cm_jax.runtime import sharding
+from cm_jax import samplers
 from cm_jax import teacher as teacher_lib
 from cm_jax import train_state as ts
+from cm_jax.configs import common as config_lib
+from cm_jax.core import denoiser as denoiser_lib
+from cm_jax.core import losses
+from cm_jax.core import sampling
+from cm_jax.evaluation import evaluator as evaluator_lib
+from cm_jax.runtime import cli
+from cm_jax.runtime import errors
+from cm_jax.runtime import images
+from cm_jax.runtime import multihost
+from cm_jax.runtime import sharding
 from cm_jax.runtime import workdir_lock
 from cm_jax.train_step import param_max_abs
 from cm_jax.train_step import train_step
+from cm_jax.train_step import UpdateSettings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
@@ -62,176 +66,108 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   with cli.native_stderr_hidden():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  tc = config.training
+  tc, ev = config.training, config.evaluation
 
   # ----------------------------------------------------------------------------------------------
   # Mesh: one ('data',) axis over every device of every process.
   # ----------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh()
-  replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   config_validation.validate_batch(tc.batch_size, jax.device_count(), jax.process_count())
 
   # ----------------------------------------------------------------------------------------------
   # Input: the batch of step k is a function of (seed, k); each process reads its rows (in memory or streamed
   # from disk, data.storage) while the previous step computes. Labels only for class-conditional models.
   # ----------------------------------------------------------------------------------------------
-  class_conditional = config.model.class_conditional
-  if class_conditional:  # Before reading any pixels.
-    config_validation.validate_num_classes(config.model.num_classes, input_pipeline.num_classes(config.data),
-                                           config.data.name)
-  train_data = multihost.process_zero_first(  # Process 0 downloads (if it must) before the others read.
-      lambda: input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional), 'cm_jax_data')
-  if train_data.num_examples < tc.batch_size:  # Every batch would repeat images: almost surely a mistake.
-    raise errors.ConfigError(
-        f'config.training.batch_size: {tc.batch_size} is more than the {train_data.num_examples} training images '
-        f'of data.name = {config.data.name!r}{" in " + config.data.manual_dir if config.data.manual_dir else ""}; '
-        'lower the batch size or add images.')
-  data_fingerprint = train_data.fingerprint
+  train_data = load_train_data(config)
   image_shape = tuple(train_data.image_shape)
-  stream = input_pipeline.BatchStream(train_data, config.seed, tc.batch_size, jax.process_index(),
-                                      jax.process_count())
+  with contextlib.ExitStack() as stack:
+    stream = stack.enter_context(contextlib.closing(input_pipeline.BatchStream(
+        train_data, config.seed, tc.batch_size, jax.process_index(), jax.process_count())))
 
-  def global_batch(step: int):
-    images_local, labels_local = stream.get(step)
-    return (jax.make_array_from_process_local_data(batch_sharding, images_local),
-            None if labels_local is None else jax.make_array_from_process_local_data(batch_sharding, labels_local))
+    def global_batch(step: int):
+      images_local, labels_local = stream.get(step)
+      return (jax.make_array_from_process_local_data(batch_sharding, images_local),
+              None if labels_local is None else jax.make_array_from_process_local_data(batch_sharding, labels_local))
 
-  # ----------------------------------------------------------------------------------------------
-  # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
-  # ----------------------------------------------------------------------------------------------
-  manager = checkpointing.make_manager(workdir, config)
-  # N(k)/mu(k) and lr-decay horizons are fixed when a run starts (and recorded in its checkpoints): raising
-  # training.num_steps later extends the run on the schedule it was trained with.
-  config = ts.pin_schedule_horizons(config, checkpointing.saved_config(manager))
-
-  try:  # The EDM teacher of 'cd' and 'ect', pinned to the one this run's checkpoints record.
+    # --------------------------------------------------------------------------------------------
+    # Model, loss, optimizer and state (shapes first, then allocation directly into the sharding).
+    # --------------------------------------------------------------------------------------------
+    manager = stack.enter_context(checkpoint_manager(workdir, config))
+    # N(k)/mu(k) and lr-decay horizons are fixed when a run starts (and recorded in its checkpoints): raising
+    # training.num_steps later extends the run on the schedule it was trained with.
+    config = ts.pin_schedule_horizons(config, checkpointing.saved_config(manager))
+    # The EDM teacher of 'cd' and 'ect', pinned to the one this run's checkpoints record.
     teacher, teacher_record = teacher_lib.pin(config, (checkpointing.saved_data(manager) or {}).get('teacher'))
-  except BaseException:
-    manager.close()
-    raise
-  if teacher_record is not None:
-    data_fingerprint = dict(data_fingerprint, teacher=teacher_record)
+    data_fingerprint = (train_data.fingerprint if teacher_record is None else
+                        dict(train_data.fingerprint, teacher=teacher_record))
+    denoiser = denoiser_lib.make_denoiser(config)
+    distilling = config.loss.name == 'cd'
+    objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
+    tx = ts.make_optimizer(config)
+    abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
+    # Replicated (data parallel), or FSDP: parameters, EMAs and optimizer state split over the devices.
+    state_sharding = sharding.state_shardings(abstract_state, mesh, tc.sharding, tc.fsdp_min_size)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    logging.info('Model: %s parameters (%s); image shape %s; %s; %d devices, %d processes.', f'{num_params:,}',
+                 tc.precision, image_shape, f'{config.model.num_classes} classes' if config.model.class_conditional
+                 else 'unconditional', jax.device_count(), jax.process_count())
+    logging.info('Train state (%s): %s.', tc.sharding, sharding.describe(abstract_state, state_sharding))
 
-  denoiser = inference.make_denoiser(config)
-  distilling = config.loss.name == 'cd'
-  teacher_params = teacher.params if distilling else None
-  objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
-  tx = ts.make_optimizer(config)
-  abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
-  # Replicated (data parallel), or FSDP: parameters, EMAs and optimizer state split over the devices.
-  state_sharding = sharding.state_shardings(abstract_state, mesh, tc.sharding, tc.fsdp_min_size)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-  logging.info('Model: %s parameters (%s); image shape %s; %s; %d devices, %d processes.', f'{num_params:,}',
-               tc.precision, image_shape, f'{config.model.num_classes} classes' if class_conditional else
-               'unconditional', jax.device_count(), jax.process_count())
-  logging.info('Train state (%s): %s.', tc.sharding, sharding.describe(abstract_state, state_sharding))
+    # --------------------------------------------------------------------------------------------
+    # Restore, or start from the teacher's weights, or fresh.
+    # --------------------------------------------------------------------------------------------
+    state = initial_state(config, workdir, manager, abstract_state, state_sharding, tx, data_fingerprint,
+                          teacher)
+    teacher_params = teacher.params if distilling else None
+    del teacher  # ECT needs the teacher only for its first weights, CD only its parameters: free the rest.
+    start_step = int(jax.device_get(state.step))
+    # Only once the data, the teacher and any checkpoint have passed their checks: a refused start writes nothing.
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    stack.callback(writer.flush)
 
-  # ----------------------------------------------------------------------------------------------
-  # Restore, or start fresh.
-  # ----------------------------------------------------------------------------------------------
-  if manager.latest_step() is not None:
-    abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    abstract_state, state_sharding)
-    try:
-      state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
-      check_restored(state, tc.max_param_abs, checkpointing.checkpoint_dir(workdir), manager.all_steps())
-    except BaseException:
-      manager.close()
-      raise
-    logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step),
-                 checkpointing.checkpoint_dir(workdir))
-  elif teacher is not None and config.teacher.init_student:
-    init_params = teacher.params
-    if jax.tree.structure(init_params) != jax.tree.structure(abstract_state.params) or any(
-        a.shape != b.shape for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(abstract_state.params))):
-      raise ValueError(f'The teacher parameters in {config.teacher.workdir} do not fit config.model; give the '
-                       'student the same model config as the teacher, or set teacher.init_student = False.')
-    state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)(init_params)
-    del init_params
-    if not distilling:
-      teacher = None  # ECT needs the teacher only for its first weights: free its memory.
-    logging.info('No checkpoint in %s: starting from step 0 with the teacher\'s weights.',
-                 checkpointing.checkpoint_dir(workdir))
-  else:
-    state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)()
-    logging.info('No checkpoint in %s: starting from step 0.', checkpointing.checkpoint_dir(workdir))
-  start_step = int(jax.device_get(state.step))
-  # Only once the data, the teacher and any checkpoint have passed their checks: a refused start writes nothing.
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # --------------------------------------------------------------------------------------------
+    # Compiled functions, sample grids and in-training scores (evaluation.every > 0).
+    # --------------------------------------------------------------------------------------------
+    t0 = time.time()
+    abstract_batch = (jax.ShapeDtypeStruct((tc.batch_size,) + image_shape, np.uint8, sharding=batch_sharding),
+                      jax.ShapeDtypeStruct((tc.batch_size,), np.int32, sharding=batch_sharding)
+                      if config.model.class_conditional else None)
+    p_train_step = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
+                                             target_decay=objective.target_decay, tx=tx,
+                                             settings=UpdateSettings.of(config)),
+                           in_shardings=(state_sharding, batch_sharding, replicated),
+                           out_shardings=(state_sharding, None), donate_argnums=0,
+                           ).lower(state, abstract_batch, teacher_params).compile()
+    logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+    # Processes whose compile took longer (another host, a busy machine) catch up here, not in the first
+    # collective, whose set-up may time out sooner.
+    multihost.barrier('cm_jax_train_step_compiled')
+    write_samples = sample_grid_writer(config, workdir, denoiser, image_shape, replicated, writer)
+    write_scores = (score_writer(config, denoiser, image_shape, mesh, writer, stop_signal)
+                    if ev.every and start_step < tc.num_steps else None)
 
-  # ----------------------------------------------------------------------------------------------
-  # Compiled functions.
-  # ----------------------------------------------------------------------------------------------
-  t0 = time.time()
-  abstract_batch = (jax.ShapeDtypeStruct((tc.batch_size,) + image_shape, np.uint8, sharding=batch_sharding),
-                    jax.ShapeDtypeStruct((tc.batch_size,), np.int32, sharding=batch_sharding)
-                    if class_conditional else None)
-  p_train_step = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
-                                           target_decay=objective.target_decay, tx=tx, config=config),
-                         in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, None), donate_argnums=0,
-                         ).lower(state, abstract_batch, teacher_params).compile()
-  logging.info('Compiled the train step in %.1f s.', time.time() - t0)
-  # Processes whose compile took longer (another host, a busy machine) catch up here, not in the first
-  # collective, whose set-up may time out sooner.
-  multihost.barrier('cm_jax_train_step_compiled')
-  grid_shape = (tc.num_eval_samples,) + image_shape
-  grid_samplers = inference.grid_samplers(config)
-  grid_labels = inference.grid_labels(config, tc.num_eval_samples)
-  p_sample_grid = jax.jit(lambda params: sampling_images(denoiser, params, config, grid_shape, grid_samplers,
-                                                         grid_labels), out_shardings=replicated)
-
-  def write_samples(step: int, state: ts.TrainState) -> None:
-    grid = sample_grid_from(p_sample_grid, state, config)
-    if jax.process_index() == 0:
-      path = images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
-      logging.info('Wrote samples (%s) to %s', ' | '.join(s.describe() for s in grid_samplers), path)
-    writer.write_images(step, {'samples': grid[None]})
-
-  # In-training evaluation (evaluation.every > 0): the same seed at every evaluation, so scores are comparable.
-  ev = config.evaluation
-  evaluator = None
-  if ev.every and start_step < tc.num_steps:
-    try:  # May train the feature classifier (cached) and compute the reference features (cached).
-      evaluator = evaluate_lib.make_evaluator_on_all_processes(config)
-    except BaseException:
-      manager.close()
-      raise
-  p_sample = inference.make_sample_fn(denoiser, config, mesh=mesh)
-
-  def write_scores(step: int, state: ts.TrainState) -> None:
-    params = sampling_params(state)
-    scores = {}
-    for spec in grid_samplers:
-      t0 = time.time()
-      samples = input_pipeline.to_uint8(inference.sample_in_batches(
-          p_sample, params, spec, ev.num_samples, ev.seed, ev.batch_size, image_shape,
-          inference.draw_labels(config, ev.num_samples, ev.seed), before_batch=stop_signal.check))
-      for key, value in evaluator.score(samples).items():
-        if key not in ('precision_recall_k', 'class_fractions'):  # Scalars only (class_balance_tv stays).
-          scores[f'eval/{evaluate_lib.sampler_key(spec)}/{key}'] = value
-      logging.info('Evaluated %s on %d samples in %.0f s.', spec.describe(), ev.num_samples, time.time() - t0)
-    writer.write_scalars(step, scores)
-
-  # ----------------------------------------------------------------------------------------------
-  # Loop. The next step is dispatched before the previous step's metrics are read.
-  # ----------------------------------------------------------------------------------------------
-  if start_step >= tc.num_steps:
-    logging.info('Step %d >= training.num_steps = %d: nothing to train.', start_step, tc.num_steps)
-  else:
+    # --------------------------------------------------------------------------------------------
+    # Loop. The next step is dispatched before the previous step's metrics are read.
+    # --------------------------------------------------------------------------------------------
+    if start_step >= tc.num_steps:
+      logging.info('Step %d >= training.num_steps = %d: nothing to train.', start_step, tc.num_steps)
+      return state
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                          for k, v in checkpointing.flatten_dict(config.to_dict()).items()})
-  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  pending, accumulated = [], []  # Device metrics not read yet; host metrics since the last log.
+                          for k, v in config_lib.flatten_dict(config.to_dict()).items()})
+    report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+    pending, accumulated = [], []  # Device metrics not read yet; host metrics since the last log.
 
-  def read_pending() -> None:  # Stops the run on a non-finite loss or gradient, or on non-finite or exploded weights.
-    accumulated.extend(check_update(*p, manager.all_steps, tc.max_param_abs, checkpointing.checkpoint_dir(workdir))
-                       for p in pending)
-    pending.clear()
+    def read_pending() -> None:  # Stops the run on a non-finite loss or gradient, or on non-finite or exploded weights.
+      accumulated.extend(check_update(*p, manager.all_steps, tc.max_param_abs, checkpointing.checkpoint_dir(workdir))
+                         for p in pending)
+      pending.clear()
 
-  t0 = time.time()
-  try:
+    def save(state: ts.TrainState) -> None:
+      read_pending()  # Never save a state whose update failed check_update (non-finite or exploded).
+      checkpointing.save(manager, state, config, data_fingerprint)
+
+    t0 = time.time()
     for step in range(start_step, tc.num_steps):
       state, metrics = p_train_step(state, global_batch(step), teacher_params)
       read_pending()  # The previous step's, while this one runs.
@@ -240,65 +176,148 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
       done = step + 1
       report(done)
       stop = stop_signal.reached()
-      if done % tc.log_every == 0 or done == tc.num_steps or stop:
+      if stop or itstime(done, tc.log_every, tc.num_steps):
         read_pending()
         writer.write_scalars(done, {k: float(np.mean([m[k] for m in accumulated])) for k in accumulated[0]})
         accumulated.clear()
-      saved = done % tc.checkpoint_every == 0 or done == tc.num_steps or stop
+      saved = stop or itstime(done, tc.checkpoint_every, tc.num_steps)
       if saved:
-        read_pending()  # Never save a state whose update failed check_update (non-finite or exploded).
-        checkpointing.save(manager, state, config, data_fingerprint)
+        save(state)
       try:
-        if not stop and (done % tc.eval_every == 0 or done == tc.num_steps):
+        if not stop and itstime(done, tc.eval_every, tc.num_steps):
           write_samples(done, state)
-        if not stop and ev.every and (done % ev.every == 0 or done == tc.num_steps):
+        if not stop and write_scores and itstime(done, ev.every, tc.num_steps):
           write_scores(done, state)
       except multihost.Preempted:
         stop = True
         if not saved:
-          read_pending()  # As above: never save a state whose update failed check_update.
-          checkpointing.save(manager, state, config, data_fingerprint)
+          save(state)
       if stop:
         checkpointing.wait(manager)
         logging.warning('Stopped by %s after step %d; saved its checkpoint in %s. Run the same command to '
                         'resume from it.', stop_signal.signal_name, done, checkpointing.checkpoint_dir(workdir))
         break
-    if start_step < tc.num_steps:
-      logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)),
-                   time.time() - t0)
+    logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)), time.time() - t0)
+  return state
+
+
+def itstime(step: int, every: int, last: int) -> bool:
+  """Whether step `step` (1-based: after that many updates) is one of a cadence: every `every`-th step and the
+  last one; never when every is 0."""
+  return bool(every) and (step % every == 0 or step == last)
+
+
+@contextlib.contextmanager
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
+  """The run's Orbax checkpoint manager, closed on exit. On an error or interrupt, pending async saves finish
+  first, so the last good checkpoint is kept (a save that fails meanwhile is logged; the error that stopped the
+  run is the one reported); on a normal exit the last save is awaited, and its failure (a full disk) is the
+  run's error."""
+  manager = checkpointing.make_manager(workdir, config)
+  try:
+    yield manager
   except BaseException:
-    # An error or interrupt: let pending async saves finish, so the last good checkpoint is kept. A save that
-    # fails meanwhile is logged; the error that stopped the run is the one reported.
     try:
       manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('A checkpoint save failed while the run stopped: %s', checkpointing.describe_error(e))
     raise
   else:
-    checkpointing.wait(manager)  # The last save: a failure here (a full disk) is this run's error.
+    checkpointing.wait(manager)
   finally:
     manager.close()
-    stream.close()
-    writer.flush()
-  return state
 
 
-def sampling_images(denoiser, params, config, grid_shape, samplers, labels_B=None):
-  """Fixed-seed samples in [-1, 1] for the eval grid, one panel per sampler (inference.grid_samplers)."""
-  keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, grid_shape[0])
-  return tuple(inference.sample_from_keys(denoiser, params, keys, grid_shape, spec, config, labels_B=labels_B)
-               for spec in samplers)
+def load_train_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
+  """The train split (with labels for a class-conditional model), checked against the model and batch size."""
+  class_conditional = config.model.class_conditional
+  if class_conditional:  # Before reading any pixels.
+    config_validation.validate_num_classes(config.model.num_classes, input_pipeline.num_classes(config.data),
+                                           config.data.name)
+  train_data = multihost.process_zero_first(  # Process 0 downloads (if it must) before the others read.
+      lambda: input_pipeline.load_dataset(config.data, 'train', with_labels=class_conditional), 'cm_jax_data')
+  batch_size = config.training.batch_size
+  if train_data.num_examples < batch_size:  # Every batch would repeat images: almost surely a mistake.
+    raise errors.ConfigError(
+        f'config.training.batch_size: {batch_size} is more than the {train_data.num_examples} training images '
+        f'of data.name = {config.data.name!r}{" in " + config.data.manual_dir if config.data.manual_dir else ""}; '
+        'lower the batch size or add images.')
+  return train_data
+
+
+def initial_state(config: ml_collections.ConfigDict, workdir: str, manager, abstract_state, state_sharding, tx,
+                  data_fingerprint: dict, teacher) -> ts.TrainState:
+  """The state training starts from: the workdir's checkpoint (resume), else the teacher's weights
+  (teacher.init_student), else a fresh initialisation; allocated directly into `state_sharding`."""
+  where = checkpointing.checkpoint_dir(workdir)
+  if manager.latest_step() is not None:
+    abstract_sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract_state, state_sharding)
+    state = checkpointing.restore_for_resume(manager, abstract_sharded, config, data_fingerprint, workdir)
+    check_restored(state, config.training.max_param_abs, where, manager.all_steps())
+    logging.info('Resuming from the checkpoint at step %d in %s.', int(state.step), where)
+    return state
+  init = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)
+  if teacher is not None and config.teacher.init_student:
+    params = teacher.params
+    if jax.tree.structure(params) != jax.tree.structure(abstract_state.params) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_state.params))):
+      raise ValueError(f'The teacher parameters in {config.teacher.workdir} do not fit config.model; give the '
+                       'student the same model config as the teacher, or set teacher.init_student = False.')
+    logging.info('No checkpoint in %s: starting from step 0 with the teacher\'s weights.', where)
+    return init(params)
+  logging.info('No checkpoint in %s: starting from step 0.', where)
+  return init()
+
+
+def sample_grid_writer(config: ml_collections.ConfigDict, workdir: str, denoiser, image_shape, replicated, writer):
+  """write(step, state): fixed-seed sample grids (one panel per samplers.grid_samplers) to WORKDIR/samples/
+  and TensorBoard."""
+  num = config.training.num_eval_samples
+  specs = samplers.grid_samplers(config)
+  labels_B = samplers.grid_labels(config, num)
+  keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, num)
+  p_sample_grid = jax.jit(lambda params: tuple(samplers.sample_from_keys(
+      denoiser, params, keys, (num,) + tuple(image_shape), spec, labels_B=labels_B) for spec in specs),
+                          out_shardings=replicated)
+
+  def write(step: int, state: ts.TrainState) -> None:
+    panels = [images.make_grid(input_pipeline.to_uint8(np.asarray(jax.device_get(x))))
+              for x in p_sample_grid(sampling_params(state))]
+    grid = images.side_by_side(panels)
+    if jax.process_index() == 0:
+      path = images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
+      logging.info('Wrote samples (%s) to %s', ' | '.join(s.describe() for s in specs), path)
+    writer.write_images(step, {'samples': grid[None]})
+  return write
+
+
+def score_writer(config: ml_collections.ConfigDict, denoiser, image_shape, mesh, writer,
+                 stop_signal: multihost.StopSignal):
+  """write(step, state): in-training scores of the grid samplers (the same seed at every evaluation, so scores
+  are comparable), as TensorBoard scalars 'eval/{1step|2step|heun18...}/{score}', through the evaluate CLI's
+  library function. Building it may train the feature classifier and compute the reference features (both
+  cached)."""
+  ev = config.evaluation
+  evaluator = evaluator_lib.make_evaluator_on_all_processes(config)
+  p_sample = samplers.make_sample_fn(denoiser, mesh=mesh)
+  specs = samplers.grid_samplers(config)
+  labels = samplers.draw_labels(config, ev.num_samples, ev.seed)
+
+  def write(step: int, state: ts.TrainState) -> None:
+    params = sampling_params(state)
+    sample = lambda spec, num: input_pipeline.to_uint8(samplers.sample_in_batches(
+        p_sample, params, spec, num, ev.seed, ev.batch_size, image_shape, labels, before_batch=stop_signal.check))
+    results = evaluator_lib.score_samplers(sample, evaluator, specs, ev.num_samples, config.consistency.sigma_max)
+    writer.write_scalars(step, {f'eval/{evaluator_lib.sampler_key(spec)}/{key}': value
+                                for spec, result in zip(specs, results)
+                                for key, value in evaluator_lib.scalar_scores(result).items()})
+  return write
 
 
 def sampling_params(state: ts.TrainState):
   """What grids and in-training evaluations sample with: the first sampling EMA (else the online params)."""
   return state.ema_params[0] if state.ema_params else state.params
-
-
-def sample_grid_from(p_sample_grid, state: ts.TrainState, config) -> np.ndarray:
-  panels = [images.make_grid(input_pipeline.to_uint8(np.asarray(jax.device_get(x))))
-            for x in p_sample_grid(sampling_params(state))]
-  return images.side_by_side(panels)
 
 
 def check_update(step: int, metrics, checkpoints: Callable[[], list[int]], max_param_abs: Optional[float],

@@ -55,11 +55,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(optax.clip_by_global_norm(oc.grad_clip if oc.grad_clip > 0 else float('inf')), tx)
 
 
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the training images after padding or resizing, from config.data alone (reads no data)."""
-  return catalog.image_shape(config.data)
-
-
 def has_target_ema(config: ml_collections.ConfigDict) -> bool:
   """Whether the state keeps target params theta^- (CT/CD with loss.target = 'ema'); else the target is
   stop_gradient(params) or there is none (EDM)."""
@@ -75,7 +70,7 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   """
   model = models.create_model(config.model)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  h, w, c = image_shape(config)
+  h, w, c = catalog.image_shape(config.data)
   if init_params is None:
     labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
     params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False)['params']

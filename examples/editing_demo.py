@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cm_jax import edit  # pylint: disable=g-import-not-at-top
-from cm_jax.core import editing  # pylint: disable=g-import-not-at-top
 from cm_jax import inference  # pylint: disable=g-import-not-at-top
 from cm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from cm_jax.core import editing  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 

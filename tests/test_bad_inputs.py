@@ -21,10 +21,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cm_jax.runtime import errors
 from cm_jax import inference
+from cm_jax import samplers
 from cm_jax import train
 from cm_jax.configs import test as test_config
+from cm_jax.runtime import errors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = '/usr/share/datasets/fashion-mnist'
@@ -330,7 +331,7 @@ def test_only_deliberate_cm_jax_errors_are_user_errors():
   # Errors of JAX or of builtins, even when the innermost remaining frame is cm_jax's, are bugs.
   bug = _raised(lambda: cli.parse_floats('ts', None)[0])  # TypeError in cm_jax's caller: never a user error.
   assert cli.user_error_code(bug) is None
-  jax_bug = _raised(lambda: inference.sample_in_batches(None, None, None, 4, 0, 4, (2, 2, 1), labels=[1]))
+  jax_bug = _raised(lambda: samplers.sample_in_batches(None, None, None, 4, 0, 4, (2, 2, 1), labels=[1]))
   assert isinstance(jax_bug, ValueError) and cli.user_error_code(jax_bug) == 1  # A raise statement of cm_jax.
   # A ValueError of a builtin (or of JAX, whose frames JAX removes from tracebacks) whose innermost frame is a
   # cm_jax line that is not a raise statement: a bug, shown with its traceback.

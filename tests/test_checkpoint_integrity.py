@@ -25,11 +25,11 @@ import tensorstore
 
 from cm_jax import checkpointing
 from cm_jax import inference
-from cm_jax.runtime import sharding
 from cm_jax import teacher
 from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
+from cm_jax.runtime import sharding
 
 # When one chunk of a damaged checkpoint fails to read, Orbax abandons the reads of the others, which Python then
 # reports as never-awaited coroutines: noise from the damage these tests make on purpose.

@@ -164,9 +164,9 @@ def test_debiased_ema_is_the_normalised_exponential_average_of_the_iterates(rate
 
 
 def test_saved_bool_ema_warmup_reads_as_its_meaning():
-  from cm_jax import checkpointing
-  assert checkpointing.config_from_json_dict({'training': {'ema_warmup': True}}).training.ema_warmup == 'capped'
-  assert checkpointing.config_from_json_dict({'training': {'ema_warmup': False}}).training.ema_warmup == 'none'
+  from cm_jax.configs import common as config_lib
+  assert config_lib.config_from_json_dict({'training': {'ema_warmup': True}}).training.ema_warmup == 'capped'
+  assert config_lib.config_from_json_dict({'training': {'ema_warmup': False}}).training.ema_warmup == 'none'
 
 
 def test_ect_stages_past_float32_resolution_are_refused():

@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from cm_jax import input_pipeline as ip
+from cm_jax.data import catalog
 
 
 def _save(path, pixels, mode=None):
@@ -59,9 +60,9 @@ def test_images_labels_and_shapes_in_sorted_folder_order(tree):
   assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 1, 1, 2]  # cat, cat, dog, dog, fish.
   assert (images[2] == 77).all()  # Grayscale -> RGB, a uniform image stays uniform.
   assert (images[3] == np.array([10, 200, 30], np.uint8)).all()  # RGBA -> RGB (alpha dropped).
-  assert ip.num_classes(cfg) == 3 and ip.image_shape(cfg) == (8, 8, 3)
+  assert ip.num_classes(cfg) == 3 and catalog.image_shape(cfg) == (8, 8, 3)
   np.testing.assert_array_equal(ip.load_images(cfg, 'train'), images)
-  assert ip.image_shape(_config(tree, image_size=0)) == (64, 64, 3)
+  assert catalog.image_shape(_config(tree, image_size=0)) == (64, 64, 3)
   assert ip.load_images(_config(tree, image_size=0), 'train').shape == (5, 64, 64, 3)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cm_jax import input_pipeline as ip
+from cm_jax.data import catalog
 from cm_jax.data import mnist_family
 from cm_jax.data import tfds_source
 
@@ -39,7 +40,7 @@ def test_rgb_tfds_datasets(mock_tfds, monkeypatch, storage, name, image_size, si
   if name == 'imagenet64':  # Never downloaded: mock it as prepared by hand.
     monkeypatch.setattr(tfds_source.import_tfds().core.DatasetBuilder, 'is_prepared', lambda self: True)
   cfg = _config(name, image_size=image_size, storage=storage)
-  assert ip.image_shape(cfg) == (side, side, 3) and ip.num_classes(cfg) == classes
+  assert catalog.image_shape(cfg) == (side, side, 3) and ip.num_classes(cfg) == classes
   data = ip.load_dataset(cfg, 'train', with_labels=True)
   assert (data.num_examples, data.image_shape, data.num_classes) == (N, (side, side, 3), classes)
   images, labels = data.get(np.arange(N))
@@ -197,9 +198,9 @@ def test_local_source_is_for_idx_files_and_folders():
 
 def test_static_facts_read_no_data():
   assert set(ip.SUPPORTED) == {'mnist', 'fashion_mnist', 'cifar10', 'imagenette', 'imagenet64', 'image_folder'}
-  assert ip.image_shape(_config('mnist')) == (28, 28, 1)
-  assert ip.image_shape(_config('fashion_mnist', pad_to=32)) == (32, 32, 1)
-  assert ip.image_shape(_config('cifar10')) == (32, 32, 3)
-  assert ip.image_shape(_config('imagenet64', image_size=32)) == (32, 32, 3)
+  assert catalog.image_shape(_config('mnist')) == (28, 28, 1)
+  assert catalog.image_shape(_config('fashion_mnist', pad_to=32)) == (32, 32, 1)
+  assert catalog.image_shape(_config('cifar10')) == (32, 32, 3)
+  assert catalog.image_shape(_config('imagenet64', image_size=32)) == (32, 32, 3)
   assert [ip.num_classes(_config(n)) for n in ('mnist', 'fashion_mnist', 'cifar10', 'imagenette', 'imagenet64')] \
       == [10, 10, 10, 10, 1000]

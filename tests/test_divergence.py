@@ -16,10 +16,10 @@ import pytest
 
 from cm_jax import checkpointing
 from cm_jax import config_validation
-from cm_jax.runtime import errors
 from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
+from cm_jax.runtime import errors
 from cm_jax.train_step import param_max_abs
 import checkpoint_utils
 

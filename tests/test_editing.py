@@ -16,13 +16,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cm_jax import edit
-from cm_jax.core import editing
 from cm_jax import inference
 from cm_jax import models
-from cm_jax.core import sampling
 from cm_jax import train
-from cm_jax.core.denoiser import Denoiser
 from cm_jax.configs import test as test_config
+from cm_jax.core import editing
+from cm_jax.core import sampling
+from cm_jax.core.denoiser import Denoiser
 
 EPS, T = 0.002, 80.0
 BOUNDS = dict(sigma_min=EPS, sigma_max=T)

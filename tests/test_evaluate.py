@@ -1,10 +1,12 @@
 """Evaluation: ternary search, the feature classifier and its cache, reference caching, scoring, in-training
 evaluation and the evaluate CLI (mock TFDS data and the real offline Fashion-MNIST files)."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -12,15 +14,19 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cm_jax.evaluation import classifier
-from cm_jax.runtime import errors
 from cm_jax import evaluate
-from cm_jax import inference
 from cm_jax import input_pipeline
-from cm_jax.core import karras
-from cm_jax.core import sampling
+from cm_jax import samplers
 from cm_jax import train
 from cm_jax.configs import test as test_config
+from cm_jax.core import denoiser as denoiser_lib
+from cm_jax.core import karras
+from cm_jax.core import sampling
+from cm_jax.evaluation import classifier
+from cm_jax.evaluation import evaluator
+from cm_jax.evaluation import metrics
+from cm_jax.evaluation import two_step_search
+from cm_jax.runtime import errors
 import fake_inception
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +42,14 @@ def test_ternary_search_finds_every_minimum(lo, hi):
       calls.append(i)
       return (i - best) ** 2 + 0.5 * abs(i - best)
 
-    assert evaluate.ternary_search(metric, lo, hi) == best
+    assert two_step_search.ternary_search(metric, lo, hi) == best
     if hi - lo > 30:
       assert len(set(calls)) < (hi - lo + 1) // 2  # Far fewer evaluations than an exhaustive scan.
 
 
 def test_ternary_search_empty_range():
   with pytest.raises(ValueError, match='Empty search range'):
-    evaluate.ternary_search(lambda i: 0.0, 5, 4)
+    two_step_search.ternary_search(lambda i: 0.0, 5, 4)
 
 
 def test_two_step_search_reports_the_grid_time():
@@ -55,14 +61,14 @@ def test_two_step_search_reports_the_grid_time():
     calls.append(t)
     return {'classifier_fd': float(np.log(t / 0.585) ** 2)}
 
-  result = evaluate.search_two_step_time(score_at_time, 'classifier_fd', config, 18)
+  result = two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config, 18)
   grid = np.asarray(karras.karras_grid(18, 0.002, 80.0, 7.0))[::-1]
   assert result['best_index'] == 11 and result['best_t'] == pytest.approx(float(grid[11]), rel=1e-6)
   assert result['best_t'] == pytest.approx(0.585, abs=0.002)
   assert len(calls) == len(set(calls)) == len(result['evaluated'])  # Each candidate sampled once.
   assert all(0.002 < t < 80.0 for t in calls)
   with pytest.raises(ValueError, match='search_points'):
-    evaluate.search_two_step_time(score_at_time, 'classifier_fd', config, 2)
+    two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config, 2)
 
 
 # ------------------------------------------------------------------------------------ The classifier.
@@ -123,20 +129,20 @@ def pixel_net(calls=None):
     x = x / 255.0 + 1e-3 * np.arange(16)
     p = np.exp(4 * x[:, :4])
     return x, p / p.sum(1, keepdims=True)
-  return evaluate.FeatureNet('classifier', fn, 'pixels', {'name': 'pixel averages'})
+  return evaluator.FeatureNet('classifier', fn, 'pixels', {'name': 'pixel averages'})
 
 
 def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
   config = mock_config(tmp_path, reference_split='test', num_reference=30)
   calls = []
   with tfds.testing.mock_data(num_examples=40):
-    ref = evaluate.load_reference(config, pixel_net(calls))
-    again = evaluate.load_reference(config, pixel_net(calls))
-    images = input_pipeline.load_images(config.data, 'test')[evaluate.reference_indices(40, 30)]
+    ref = evaluator.load_reference(config, pixel_net(calls))
+    again = evaluator.load_reference(config, pixel_net(calls))
+    images = input_pipeline.load_images(config.data, 'test')[evaluator.reference_indices(40, 30)]
   assert calls == [30]  # The second load read the cache.
   np.testing.assert_array_equal(ref.features, again.features)
   assert ref.info['num'] == 30 and ref.info['split'] == 'test'
-  scorer = evaluate.Evaluator(pixel_net(), ref, pr_k=3)
+  scorer = evaluator.Evaluator(pixel_net(), ref, pr_k=3)
   same = scorer.score(images)
   assert abs(same['classifier_fd']) < 1e-6
   assert same['precision'] == 1.0 and same['recall'] == 1.0
@@ -145,16 +151,82 @@ def test_reference_is_cached_and_identical_images_score_zero(tmp_path):
   assert set(same) == {'classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall',
                        'precision_recall_k', 'class_fractions', 'class_balance_tv'} and same['precision_recall_k'] == 3
   assert len(same['class_fractions']) == 4 and abs(sum(same['class_fractions']) - 1.0) < 1e-3
-  assert same['class_balance_tv'] == evaluate.class_balance_tv(same['class_fractions'])
+  assert same['class_balance_tv'] == evaluator.class_balance_tv(same['class_fractions'])
 
 
 def test_class_fractions_and_balance_by_hand():
   probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
-  np.testing.assert_array_equal(evaluate.class_fractions(probs), [0.5, 0.25, 0.25])
+  np.testing.assert_array_equal(evaluator.class_fractions(probs), [0.5, 0.25, 0.25])
   # |1/2 - 1/3| + 2 |1/4 - 1/3| = 1/6 + 1/6, halved.
-  assert abs(evaluate.class_balance_tv([0.5, 0.25, 0.25]) - 1 / 6) < 1e-12
-  assert evaluate.class_balance_tv([0.1] * 10) == 0.0
-  assert abs(evaluate.class_balance_tv([1.0] + [0.0] * 9) - 0.9) < 1e-12  # One class only: 1 - 1/K.
+  assert abs(evaluator.class_balance_tv([0.5, 0.25, 0.25]) - 1 / 6) < 1e-12
+  assert evaluator.class_balance_tv([0.1] * 10) == 0.0
+  assert abs(evaluator.class_balance_tv([1.0] + [0.0] * 9) - 0.9) < 1e-12  # One class only: 1 - 1/K.
+
+
+def pixel_evaluator(num_reference=30):
+  """An Evaluator of pixel_net against random reference images (no data set, no cache)."""
+  images = np.random.default_rng(1).integers(0, 256, (num_reference, 28, 28, 1)).astype(np.uint8)
+  features, _ = pixel_net().fn(images)
+  reference = evaluator.Reference(features, metrics.FeatureStats.from_features(features), {'num': num_reference})
+  return evaluator.Evaluator(pixel_net(), reference, pr_k=3)
+
+
+def test_run_yields_the_scores_by_name():
+  """Evaluator.run yields (name, value) pairs, one per score, in the order of score()'s dict."""
+  scorer = pixel_evaluator()
+  images = np.random.default_rng(2).integers(0, 256, (12, 28, 28, 1)).astype(np.uint8)
+  pairs = list(scorer.run(images))
+  names = [name for name, _ in pairs]
+  assert names == ['classifier_fd', 'classifier_score', 'classifier_score_std', 'precision', 'recall',
+                   'precision_recall_k', 'class_fractions', 'class_balance_tv']
+  assert dict(pairs) == scorer.score(images) and list(scorer.score(images)) == names
+  with pytest.raises(ValueError, match='at least 2 images'):
+    scorer.score(images[:1])
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSampler:
+  """What evaluation reads of a sampler (evaluator.Sampler)."""
+  name: str
+  steps: int
+  times: tuple = ()
+  start_t: float = None
+
+  def describe(self) -> str:
+    return f'{self.name} x{self.steps}'
+
+
+class FakeEvaluator:
+  """Scores images by their mean pixel, plus the two non-scalar keys of the real Evaluator."""
+  def score(self, images):
+    return {'fd': float(images.mean()), 'precision_recall_k': 3, 'class_fractions': [0.5, 0.5]}
+
+
+def test_score_samplers_samples_and_scores_each_sampler_in_order(monkeypatch):
+  lines, calls = [], []
+  monkeypatch.setattr(evaluator.logging, 'info', lambda fmt, *args: lines.append(fmt % args))
+
+  def sample(spec, num):
+    calls.append((spec.name, spec.steps, num))
+    time.sleep(0.02)
+    return np.full((num, 4, 4, 1), spec.steps, np.uint8)
+
+  specs = [FakeSampler('consistency', 1), FakeSampler('consistency', 2, (0.8,), start_t=40.0),
+           FakeSampler('heun', 18)]
+  results = evaluator.score_samplers(sample, FakeEvaluator(), specs, 5, sigma_max=80.0)
+  assert calls == [('consistency', 1, 5), ('consistency', 2, 5), ('heun', 18, 5)]
+  assert list(results[0]) == ['sampler', 'steps', 'times', 'start_t', 'description', 'sampling_seconds', 'fd',
+                              'precision_recall_k', 'class_fractions']
+  assert [r['description'] for r in results] == ['consistency x1', 'consistency x2', 'heun x18']
+  assert [r['fd'] for r in results] == [1.0, 2.0, 18.0]
+  assert results[0]['start_t'] == 80.0 and results[0]['times'] == []  # sigma_max: the sampler sets no start_t.
+  assert results[1]['start_t'] == 40.0 and results[1]['times'] == [0.8]
+  assert 'start_t' not in results[2]  # EDM samplers start at sigma_max, always.
+  assert all(r['sampling_seconds'] >= 0.02 for r in results)
+  assert len(lines) == 3 and lines[2].startswith('heun x18: fd 18.0000, precision_recall_k 3.0000 (')
+  assert lines[2].endswith(' s scoring)') and 's sampling, ' in lines[2]
+  assert evaluator.scalar_scores(results[2]) == {'fd': 18.0}  # No sampler fields, k or list.
+  assert [evaluator.sampler_key(s) for s in specs] == ['1step', '2step', 'heun18']
 
 
 def test_samples_file_is_cropped_checked_and_cut(tmp_path):
@@ -182,7 +254,7 @@ def test_inception_feature_net_from_config(tmp_path):
   """feature_net = 'inception' loads the graph from evaluation.inception_path and reports the protocol."""
   _, pb, _ = fake_inception.write(tmp_path)
   config = mock_config(tmp_path, feature_net='inception', inception_path=pb)
-  net = evaluate.make_feature_net(config)
+  net = evaluator.make_feature_net(config)
   images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype(np.uint8)
   features, probs = net.fn(images)
   expected_f, expected_p = fake_inception.expected_outputs(images, fake_inception.fake_weights())
@@ -191,15 +263,15 @@ def test_inception_feature_net_from_config(tmp_path):
   assert net.fd_key == 'fid' and net.protocol['comparable_to_published_fid'] is True
   config.evaluation.inception_path = str(tmp_path / 'missing.pb')
   with pytest.raises(FileNotFoundError, match='missing.pb'):
-    evaluate.make_feature_net(config)
+    evaluator.make_feature_net(config)
 
 
 def test_auto_feature_net_and_validation():
   config = test_config.get_config()
-  assert evaluate.feature_net_kind(config) == 'classifier'
+  assert evaluator.feature_net_kind(config) == 'classifier'
   config.evaluation.feature_net = 'inceptionv3'
   with pytest.raises(ValueError, match='evaluation.feature_net'):
-    evaluate.feature_net_kind(config)
+    evaluator.feature_net_kind(config)
 
 
 # --------------------------------------------------------------------- In training and from the CLI.
@@ -274,7 +346,7 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   data = test_config.get_config().data
   data.source = 'local'
   test_images = input_pipeline.load_images(data, 'test')
-  rows = evaluate.reference_indices(len(test_images), 200)
+  rows = evaluator.reference_indices(len(test_images), 200)
   np.savez(tmp_path / 'ext.npz', arr_0=np.pad(test_images[rows], ((0, 0), (2, 2), (2, 2), (0, 0))))
   ext = run_module('cm_jax.evaluate', f'--samples={tmp_path}/ext.npz', '--crop=2', f'--cache_dir={tmp_path}/cache',
                    '--num_reference=200', '--eval_config=test')  # The tiny classifier the run above cached.
@@ -284,7 +356,7 @@ def test_evaluate_cli_on_offline_fashion_mnist(tmp_path):
   assert result['sampler'] == 'external' and result['num'] == 200 and scored['dataset'] == 'fashion_mnist'
   assert abs(result['classifier_fd']) < 1e-3 and result['precision'] == 1.0 and result['recall'] == 1.0
   assert len(result['class_fractions']) == 10 and abs(sum(result['class_fractions']) - 1.0) < 1e-3
-  assert abs(result['class_balance_tv'] - evaluate.class_balance_tv(result['class_fractions'])) < 1e-3
+  assert abs(result['class_balance_tv'] - evaluator.class_balance_tv(result['class_fractions'])) < 1e-3
   assert 'Training the fashion_mnist feature classifier' not in ext.stderr  # The cache of the run above.
   for args, message in [(['--crop=2'], 'give either --workdir=DIR'),
                         ([f'--samples={tmp_path}/ext.npz'], '--crop=2 cuts the 2-pixel border'),
@@ -308,22 +380,22 @@ def fast_compiles():
 def test_sample_fn_takes_the_times_as_an_argument(fast_compiles):
   """make_sample_fn traces the intermediate times: the samples of times baked in, without recompiling."""
   config = test_config.get_config()
-  denoiser = inference.make_denoiser(config)
+  denoiser = denoiser_lib.make_denoiser(config)
   shape = (2, 28, 28, 1)
   params = denoiser.model.init(jax.random.PRNGKey(0), np.zeros(shape, np.float32), np.zeros(2, np.float32))['params']
   keys = sampling.example_keys(jax.random.PRNGKey(1), 0, 2)
-  sample = inference.make_sample_fn(denoiser, config)
-  spec = inference.Sampler('consistency', 2, (0.5,))
+  sample = samplers.make_sample_fn(denoiser)
+  spec = samplers.make_sampler(config, 'consistency', 2, (0.5,))
   first = np.asarray(sample(params, keys, spec, shape))
-  baked = jax.jit(lambda p, k: inference.sample_from_keys(denoiser, p, k, shape, spec, config))
+  baked = jax.jit(lambda p, k: samplers.sample_from_keys(denoiser, p, k, shape, spec))
   np.testing.assert_allclose(first, np.asarray(baked(params, keys)), atol=2e-5)
   traced = []
   listener = lambda event, *_a, **_k: traced.append(event) if 'jaxpr_trace' in event else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    other = np.asarray(sample(params, keys, inference.Sampler('consistency', 2, (2.0,)), shape))
+    other = np.asarray(sample(params, keys, samplers.make_sampler(config, 'consistency', 2, (2.0,)), shape))
     assert not traced  # Another time: the same program, not even traced again.
-    sample(params, keys, inference.Sampler('consistency', 3, (2.0, 0.5)), shape)
+    sample(params, keys, samplers.make_sampler(config, 'consistency', 3, (2.0, 0.5)), shape)
     assert traced  # Another step count is another program (and the listener sees it).
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
@@ -331,23 +403,23 @@ def test_sample_fn_takes_the_times_as_an_argument(fast_compiles):
 
 
 def test_reference_rows_spread_over_the_split():
-  np.testing.assert_array_equal(evaluate.reference_indices(5, 0), np.arange(5))
-  np.testing.assert_array_equal(evaluate.reference_indices(10, 4), [0, 2, 5, 7])
-  rows = evaluate.reference_indices(1000, 10)  # A class-sorted folder of 10 classes x 100: one row per class.
+  np.testing.assert_array_equal(evaluator.reference_indices(5, 0), np.arange(5))
+  np.testing.assert_array_equal(evaluator.reference_indices(10, 4), [0, 2, 5, 7])
+  rows = evaluator.reference_indices(1000, 10)  # A class-sorted folder of 10 classes x 100: one row per class.
   np.testing.assert_array_equal(rows // 100, np.arange(10))
   with pytest.raises(ValueError, match='exceeds the 5 images'):
-    evaluate.reference_indices(5, 6)
+    evaluator.reference_indices(5, 6)
 
 
 def test_data_protocol_states_shape_and_preprocessing():
   """What a paper must state about the images, without reading any data."""
   config = test_config.get_config()
   config.data.name, config.data.pad_to = 'fashion_mnist', 32
-  assert evaluate.data_protocol(config.data)['preprocessing'] == 'zero-padded from 28x28 to 32x32'
+  assert evaluator.data_protocol(config.data)['preprocessing'] == 'zero-padded from 28x28 to 32x32'
   config.data.name, config.data.pad_to = 'cifar10', 0
-  out = evaluate.data_protocol(config.data)
+  out = evaluator.data_protocol(config.data)
   assert out['image_shape'] == [32, 32, 3] and out['preprocessing'] == 'none (32x32 as stored)'
   config.data.name, config.data.tfds_config = 'imagenette', '320px-v2'
-  out = evaluate.data_protocol(config.data)
+  out = evaluator.data_protocol(config.data)
   assert out['image_shape'] == [64, 64, 3] and out['tfds_config'] == '320px-v2'
   assert out['preprocessing'].startswith('centre crop to a square') and '64x64' in out['preprocessing']

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cm_jax.configs import default
 from cm_jax.core import karras
 from cm_jax.core import losses
 from cm_jax.core import sampling
-from cm_jax.configs import default
 
 EPS, T, RHO, SD = 0.002, 80.0, 7.0, 0.5
 IMAGE_SHAPE = (4, 4, 1)

@@ -1,4 +1,5 @@
-"""Tests of cm_jax/evaluation/metrics.py (analytic cases) and cm_jax/evaluation/inception.py (on a small fake Inception graph)."""
+"""Tests of cm_jax/evaluation/metrics.py (analytic cases) and cm_jax/evaluation/inception.py (on a small fake
+Inception graph)."""
 
 import hashlib
 import os
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from cm_jax.runtime import atomic_file
 from cm_jax.evaluation import inception
 from cm_jax.evaluation import metrics
+from cm_jax.runtime import atomic_file
 import fake_inception as fake
 
 

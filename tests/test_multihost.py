@@ -16,11 +16,11 @@ import pytest
 
 from cm_jax import checkpointing
 from cm_jax import input_pipeline
-from cm_jax.core import losses
-from cm_jax.runtime import multihost
 from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
+from cm_jax.core import losses
+from cm_jax.runtime import multihost
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60  # Long enough that a SIGTERM sent after the step-10 checkpoint lands before the end.
@@ -249,14 +249,14 @@ def test_signal_saves_the_step_reached_and_resume_is_bit_identical(uninterrupted
 def test_signal_during_in_training_evaluation_stops_between_batches(uninterrupted, tmp_path, monkeypatch):
   """A SIGTERM while the step-4 evaluation samples: the evaluation stops before its next batch, step 4 is
   saved (although it is no checkpoint_every step), and resuming trains on bit-identically."""
-  from cm_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from cm_jax import inference  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from cm_jax import samplers  # pylint: disable=g-import-not-at-top
 
   class NoScores:
     def score(self, samples):
       raise AssertionError('the evaluation should have stopped before scoring')
-  monkeypatch.setattr(evaluate_lib, 'make_evaluator_on_all_processes', lambda config: NoScores())
-  sample_in_batches = inference.sample_in_batches
+  monkeypatch.setattr(evaluator_lib, 'make_evaluator_on_all_processes', lambda config: NoScores())
+  sample_in_batches = samplers.sample_in_batches
   batches = []
 
   def signal_at_second_batch(*args, before_batch=None, **kwargs):
@@ -266,7 +266,7 @@ def test_signal_during_in_training_evaluation_stops_between_batches(uninterrupte
         os.kill(os.getpid(), signal.SIGTERM)
       before_batch()
     return sample_in_batches(*args, before_batch=before, **kwargs)
-  monkeypatch.setattr(inference, 'sample_in_batches', signal_at_second_batch)
+  monkeypatch.setattr(samplers, 'sample_in_batches', signal_at_second_batch)
   config = tiny(8)
   config.evaluation.every, config.evaluation.num_samples, config.evaluation.batch_size = 4, 8, 2
   stopped = train.train_and_evaluate(config, str(tmp_path))

@@ -11,10 +11,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cm_jax import evaluate
 from cm_jax import inference
 from cm_jax import train
 from cm_jax.configs import test as test_config
+from cm_jax.core import denoiser as denoiser_lib
+from cm_jax.evaluation import evaluator
 from test_train import tiny_config, tree_equal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +177,7 @@ def test_bfloat16_run_trains_with_float32_state(folder, tmp_path):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32
         assert np.all(np.isfinite(np.asarray(leaf)))
-  denoiser = inference.make_denoiser(config)
+  denoiser = denoiser_lib.make_denoiser(config)
   x = jnp.zeros((2, 16, 16, 3))
   out = denoiser(state.params, x, jnp.full((2,), 1.0))
   assert out.dtype == jnp.float32
@@ -193,7 +194,7 @@ def test_rgb_datasets_default_to_inception_features():
   for name, kind in (('cifar10', 'inception'), ('imagenette', 'inception'), ('image_folder', 'inception'),
                      ('fashion_mnist', 'classifier')):
     config.data.name = name
-    assert evaluate.feature_net_kind(config) == kind
+    assert evaluator.feature_net_kind(config) == kind
 
 
 def test_streamed_training_equals_in_memory_training_and_may_resume_it(folder, tmp_path):

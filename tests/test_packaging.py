@@ -95,8 +95,9 @@ import jax, numpy as np
 repo, workdir = sys.argv[1], sys.argv[2]
 assert not any(os.path.abspath(p or '.') == repo for p in sys.path), sys.path
 import cm_jax
-from cm_jax import checkpointing, inference
-config = checkpointing.config_from_json_dict({'model': {'ch': 8}})
+from cm_jax import inference
+from cm_jax.configs import common as config_lib
+config = config_lib.config_from_json_dict({'model': {'ch': 8}})
 model = inference.load(workdir)
 print(json.dumps(dict(
     cm_jax=cm_jax.__file__, configs_found=importlib.util.find_spec('configs') is not None,

@@ -12,13 +12,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cm_jax.runtime import atomic_file
 from cm_jax import checkpointing
 from cm_jax import edit
-from cm_jax.runtime import images
 from cm_jax import inference
-from cm_jax.runtime import paths
 from cm_jax import teacher
+from cm_jax.runtime import atomic_file
+from cm_jax.runtime import images
+from cm_jax.runtime import paths
 
 try:
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
@@ -157,7 +157,7 @@ def test_evaluation_caches_on_gcs_are_read_back(fake_gcs, monkeypatch):
   and found again, with no retraining and no recomputation."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cm_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
-  from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.name, config.data.source = 'mnist', 'tfds'
@@ -168,13 +168,13 @@ def test_evaluation_caches_on_gcs_are_read_back(fake_gcs, monkeypatch):
     calls.append(len(images))
     x = images.reshape(len(images), -1)[:, :16].astype(np.float64)
     return x, np.full((len(images), 4), 0.25)
-  net = evaluate.FeatureNet('classifier', features, 'first-pixels', {'name': 'first pixels'})
+  net = evaluator.FeatureNet('classifier', features, 'first-pixels', {'name': 'first pixels'})
   with tfds.testing.mock_data(num_examples=40):
     first = classifier.load_or_train(config)
     monkeypatch.setattr(classifier, 'train_classifier', lambda *a, **k: pytest.fail('retrained a cached one'))
     again = classifier.load_or_train(config)
-    evaluate.load_reference(config, net)
-    evaluate.load_reference(config, net)
+    evaluator.load_reference(config, net)
+    evaluator.load_reference(config, net)
   assert again.info == first.info
   assert calls == [30]  # The second reference load read gs://bucket/cache.
   assert any(k.startswith('/bucket/cache/classifier/') for k in fake_gcs.store)

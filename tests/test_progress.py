@@ -191,25 +191,26 @@ def logged(monkeypatch):
 
 def test_sample_in_batches_reports_images(logged):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cm_jax import inference  # pylint: disable=g-import-not-at-top
+  from cm_jax import samplers  # pylint: disable=g-import-not-at-top
 
   def sample_fn(params, keys, spec, shape, labels):  # A host function: no mesh, no compilation.
     return np.full(shape, 0.5, np.float32)
 
-  spec = inference.Sampler('consistency', 2, (0.8213,))
-  x = inference.sample_in_batches(sample_fn, None, spec, 10, 0, 4, (2, 2, 1))
+  spec = samplers.Sampler('consistency', 2, (0.8213,), sigma_min=0.002, sigma_max=80.0, rho=7.0, clip=True)
+  x = samplers.sample_in_batches(sample_fn, None, spec, 10, 0, 4, (2, 2, 1))
   assert x.shape == (10, 2, 2, 1)
   assert len(logged) == 1 and logged[0].startswith('Sampling (2-step consistency, times 0.8213): 10 images in ')
-  inference.sample_in_batches(sample_fn, None, inference.Sampler('heun', 18), 3, 0, 4, (2, 2, 1))
+  heun = samplers.Sampler('heun', 18, sigma_min=0.002, sigma_max=80.0, rho=7.0, clip=True)
+  samplers.sample_in_batches(sample_fn, None, heun, 3, 0, 4, (2, 2, 1))
   assert logged[-1].startswith('Sampling (EDM heun, 18 steps): 3 images in ')
-  inference.sample_in_batches(sample_fn, None, spec, 3, 0, 4, (2, 2, 1), progress_label='Grid')
+  samplers.sample_in_batches(sample_fn, None, spec, 3, 0, 4, (2, 2, 1), progress_label='Grid')
   assert logged[-1].startswith('Grid: 3 images in ')
 
 
 def test_feature_batches_are_fn_batches(logged):
   """Inception features, one batch at a time for progress: the same batches, so the same rows."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   calls = []
 
   def fn(x):
@@ -217,16 +218,16 @@ def test_feature_batches_are_fn_batches(logged):
     return x.reshape(len(x), 4).astype(np.float32), np.ones((len(x), 3), np.float32) / 3
 
   images = np.arange(7 * 4, dtype=np.uint8).reshape(7, 2, 2, 1)
-  features, probs = evaluate.batches_with_progress(fn, 3, 'Reference features (Inception)')(images)
+  features, probs = evaluator.batches_with_progress(fn, 3, 'Reference features (Inception)')(images)
   np.testing.assert_array_equal(features, images.reshape(7, -1))
   assert probs.shape == (7, 3) and calls == [3, 3, 1]
   assert len(logged) == 1 and logged[0].startswith('Reference features (Inception): 7 images in ')
-  empty = evaluate.batches_with_progress(fn, 3, 'x')(images[:0])
+  empty = evaluator.batches_with_progress(fn, 3, 'x')(images[:0])
   assert empty[0].shape == (0, 4) and len(logged) == 1  # fn's own answer for no images; nothing logged.
 
 
 def _most_evaluations_by_enumeration(lo, hi):
-  """Every comparison outcome of evaluate.ternary_search, enumerated: the most distinct indices evaluated."""
+  """Every comparison outcome of two_step_search.ternary_search, enumerated: the most distinct indices evaluated."""
   most = 0
 
   def walk(lo, hi, seen):
@@ -242,21 +243,21 @@ def _most_evaluations_by_enumeration(lo, hi):
 
 
 def test_max_ternary_evaluations():
-  from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import two_step_search  # pylint: disable=g-import-not-at-top
   for lo, hi in [(1, p - 2) for p in range(3, 60)] + [(0, 0), (3, 3), (0, 2)]:
-    assert evaluate.max_ternary_evaluations(lo, hi) == _most_evaluations_by_enumeration(lo, hi), (lo, hi)
-  assert evaluate.max_ternary_evaluations(1, 16) == 8 and evaluate.max_ternary_evaluations(5, 4) == 0
+    assert two_step_search.max_ternary_evaluations(lo, hi) == _most_evaluations_by_enumeration(lo, hi), (lo, hi)
+  assert two_step_search.max_ternary_evaluations(1, 16) == 8 and two_step_search.max_ternary_evaluations(5, 4) == 0
 
 
 def test_two_step_search_counts_candidates(logged):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import two_step_search  # pylint: disable=g-import-not-at-top
   from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
-  result = evaluate.search_two_step_time(lambda t: {'fd': float(np.log(t / 0.585) ** 2)}, 'fd',
-                                         test_config.get_config(), 18)
+  result = two_step_search.search_two_step_time(lambda t: {'fd': float(np.log(t / 0.585) ** 2)}, 'fd',
+                                                test_config.get_config(), 18)
   assert result['best_index'] == 11
   assert logged == [f"Two-step search: {len(result['evaluated'])} candidates in " + logged[0].split(' in ', 1)[1]]
-  assert len(result['evaluated']) <= evaluate.max_ternary_evaluations(1, 16)
+  assert len(result['evaluated']) <= two_step_search.max_ternary_evaluations(1, 16)
 
 
 def test_classifier_training_and_features_report(logged):

@@ -21,13 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax.evaluation import classifier
 from cm_jax import edit
-from cm_jax import evaluate
 from cm_jax import inference
-from cm_jax.core import sampling
-from cm_jax.runtime import sharding
+from cm_jax import samplers
 from cm_jax.configs import test as test_config
+from cm_jax.core import denoiser as denoiser_lib
+from cm_jax.core import sampling
+from cm_jax.evaluation import classifier
+from cm_jax.evaluation import evaluator
+from cm_jax.runtime import sharding
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 1)
@@ -50,7 +52,7 @@ def tiny_model(loss: str = 'ct', channels: int = 1):
   config = test_config.get_config(loss)
   config.model.ch_mult = (1,)  # One level: half the compile time.
   config.model.class_conditional, config.model.num_classes = True, NUM_CLASSES
-  denoiser = inference.make_denoiser(config)
+  denoiser = denoiser_lib.make_denoiser(config)
   shapes = jax.eval_shape(lambda: denoiser.model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, channels)), jnp.zeros((1,)), labels_B=jnp.zeros((1,), jnp.int32),
       train=False)['params'])
@@ -64,7 +66,7 @@ def one_device_mesh():
 
 
 def samples(fn, params, spec, batch_size, num=5):
-  return inference.sample_in_batches(fn, params, spec, num, SEED, batch_size, SHAPE, LABELS[:num])
+  return samplers.sample_in_batches(fn, params, spec, num, SEED, batch_size, SHAPE, LABELS[:num])
 
 
 def key_rows_per_device(compiled) -> int:
@@ -87,9 +89,9 @@ def flops(compiled) -> float:
                                                 ('edm', 'heun', 2)])
 def test_same_images_on_one_device_and_on_all(loss, sampler, steps):
   config, denoiser, params = tiny_model(loss)
-  spec = inference.make_sampler(config, sampler, steps)
-  one = inference.make_sample_fn(denoiser, config, one_device_mesh())
-  every = inference.make_sample_fn(denoiser, config)  # Default: all devices.
+  spec = samplers.make_sampler(config, sampler, steps)
+  one = samplers.make_sample_fn(denoiser, one_device_mesh())
+  every = samplers.make_sample_fn(denoiser)  # Default: all devices.
   assert one.mesh.size == 1 and every.mesh.size == jax.device_count() == 2
   # Five samples in one batch over 2 devices: padded to 6 (the key of sample 5), 3 rows per device, cut to 5.
   sharded = samples(every, params, spec, batch_size=5)
@@ -108,11 +110,11 @@ def test_same_images_on_one_device_and_on_all(loss, sampler, steps):
 
 def test_each_device_computes_only_its_rows():
   config, denoiser, params = tiny_model()
-  spec = inference.make_sampler(config, 'consistency', 2)
+  spec = samplers.make_sampler(config, 'consistency', 2)
   keys = sampling.example_keys(jax.random.PRNGKey(SEED), 0, 6)
   labels = np.arange(6, dtype=np.int32) % NUM_CLASSES
-  one = inference.make_sample_fn(denoiser, config, one_device_mesh())
-  every = inference.make_sample_fn(denoiser, config)
+  one = samplers.make_sample_fn(denoiser, one_device_mesh())
+  every = samplers.make_sample_fn(denoiser)
   x = every(params, keys, spec, (6,) + SHAPE, labels)
   assert shard_rows(x) == [(0, 0, 3), (3, 1, 3)]  # Rows 0-2 on device 0, rows 3-5 on device 1.
   assert all(s.data.shape == (3,) + SHAPE for s in x.addressable_shards)
@@ -193,7 +195,7 @@ def test_features_on_all_devices_equal_those_on_one(monkeypatch):
   monkeypatch.setattr(classifier, 'load_or_train', lambda config: net)
   config = test_config.get_config()
   config.data.name, config.evaluation.batch_size = 'mnist', 5
-  feature_net = evaluate.make_feature_net(config)
+  feature_net = evaluator.make_feature_net(config)
   features, probs = feature_net.fn(images)
   assert gathered[2:] == [[3, 3], [3, 3]]
   assert features.shape == (5, classifier.FEATURE_DIM) and features.dtype == np.float64
@@ -233,9 +235,9 @@ def child_four_devices(out: str) -> None:
   """In a process with 4 devices: 5 two-step samples on all 4 (one batch of 8, 2 rows each) and on one."""
   assert jax.device_count() == 4
   config, denoiser, params = tiny_model()
-  spec = inference.make_sampler(config, 'consistency', 2)
-  every = inference.make_sample_fn(denoiser, config)
-  one = inference.make_sample_fn(denoiser, config, one_device_mesh())
+  spec = samplers.make_sampler(config, 'consistency', 2)
+  every = samplers.make_sample_fn(denoiser)
+  one = samplers.make_sample_fn(denoiser, one_device_mesh())
   keys = sampling.example_keys(jax.random.PRNGKey(SEED), 0, 8)
   labels = np.resize(LABELS, 8)
   x = every(params, keys, spec, (8,) + SHAPE, labels)
@@ -268,9 +270,9 @@ def child_two_processes(out: str) -> None:
   all 4 devices, and the same on this process's first device alone."""
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   config, denoiser, params = tiny_model()
-  spec = inference.make_sampler(config, 'consistency', 2)
-  every = inference.make_sample_fn(denoiser, config)
-  one = inference.make_sample_fn(denoiser, config, one_device_mesh())
+  spec = samplers.make_sampler(config, 'consistency', 2)
+  every = samplers.make_sample_fn(denoiser)
+  one = samplers.make_sample_fn(denoiser, one_device_mesh())
   keys = sampling.example_keys(jax.random.PRNGKey(SEED), 0, 8)
   x = every(params, keys, spec, (8,) + SHAPE, np.resize(LABELS, 8))
   net = random_classifier()
@@ -280,7 +282,7 @@ def child_two_processes(out: str) -> None:
   # The evaluator's feature net: fn over both processes' devices, local_fn (reference features) on this one's.
   classifier.load_or_train = lambda config: net
   config.data.name, config.evaluation.batch_size = 'mnist', 5
-  feature_net = evaluate.make_feature_net(config)
+  feature_net = evaluator.make_feature_net(config)
   spans, to_host = [], sharding.to_host
   sharding.to_host = lambda a: spans.append(0 if a.is_fully_addressable else 1) or to_host(a)
   fn_features, local_features = feature_net.fn(images)[0], feature_net.local_fn(images)[0]

@@ -9,11 +9,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cm_jax import inference
-from cm_jax.core import losses
-from cm_jax.runtime import sharding
 from cm_jax import train_state as ts
+from cm_jax.core import denoiser as denoiser_lib
+from cm_jax.core import losses
+from cm_jax.data import catalog
+from cm_jax.runtime import sharding
 from cm_jax.train_step import train_step
+from cm_jax.train_step import UpdateSettings
 
 try:
   from cm_jax.configs import test as test_config
@@ -159,8 +161,8 @@ def assert_same_up_to_rounding(a: np.ndarray, b: np.ndarray, path: str) -> None:
 def test_fsdp_steps_equal_replicated_steps(tiny):
   """NUM_STEPS jitted train steps (as train.py compiles them) from the same init, in both layouts."""
   config, tx, abstract_state, mesh = tiny
-  image_shape = ts.image_shape(config)
-  objective = losses.make_loss(config, image_shape, inference.make_denoiser(config))
+  image_shape = catalog.image_shape(config.data)
+  objective = losses.make_loss(config, image_shape, denoiser_lib.make_denoiser(config))
   images_KBHWC = np.random.default_rng(0).integers(
       0, 256, (NUM_STEPS, config.training.batch_size, *image_shape), dtype=np.uint8)
   replicated = sharding.replicated(mesh)
@@ -170,7 +172,8 @@ def test_fsdp_steps_equal_replicated_steps(tiny):
     state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=shardings)()
     init = host_tree(state)
     step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn,
-                                        target_decay=objective.target_decay, tx=tx, config=config),
+                                        target_decay=objective.target_decay, tx=tx,
+                                        settings=UpdateSettings.of(config)),
                       in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
                       out_shardings=(shardings, None), donate_argnums=0)
     losses_K = []

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from cm_jax import config_validation
-from cm_jax import evaluate
-from cm_jax import inference
-from cm_jax.core import karras
-from cm_jax.core import sampling
+from cm_jax import samplers
 from cm_jax.configs import default
 from cm_jax.configs import test as test_config
+from cm_jax.core import karras
+from cm_jax.core import sampling
+from cm_jax.evaluation import two_step_search
 
 
 class FakeDenoiser:
-  """Stands in for inference.Denoiser: f(x, sigma) = 0.5 x + sigma, recording the sigmas it is called at."""
+  """Stands in for denoiser_lib.Denoiser: f(x, sigma) = 0.5 x + sigma, recording the sigmas it is called at."""
 
   def __init__(self):
     self.sigmas = []
@@ -35,13 +35,13 @@ def config_with(start_t, two_step_t=2.0):
 @pytest.mark.parametrize('start_t', [None, 40.0, 5.0])
 def test_one_step_sample_is_f_of_start_t_times_z(start_t):
   config = config_with(start_t)
-  spec = inference.make_sampler(config, steps=1)
+  spec = samplers.make_sampler(config, steps=1)
   assert spec.start_t == start_t and spec.times == ()
   first = 80.0 if start_t is None else start_t
   assert ('from t =' in spec.describe()) == (start_t is not None)
   keys = sampling.example_keys(jax.random.PRNGKey(3), 0, 4)
   denoiser = FakeDenoiser()
-  out = np.asarray(inference.sample_from_keys(denoiser, None, keys, (4, 2, 2, 1), spec, config))
+  out = np.asarray(samplers.sample_from_keys(denoiser, None, keys, (4, 2, 2, 1), spec))
   z, _ = sampling.draw_noise(keys, (4, 2, 2, 1), 0)
   np.testing.assert_allclose(out, 0.5 * first * np.asarray(z) + first, rtol=1e-5, atol=1e-5)
   assert len(denoiser.sigmas) == 1 and np.all(np.asarray(denoiser.sigmas[0]) == np.float32(first))
@@ -49,29 +49,29 @@ def test_one_step_sample_is_f_of_start_t_times_z(start_t):
 
 def test_two_steps_start_at_start_t_then_the_intermediate_time():
   config = config_with(40.0, two_step_t=2.0)
-  spec = inference.make_sampler(config, steps=2)
+  spec = samplers.make_sampler(config, steps=2)
   assert spec.times == (2.0,) and spec.start_t == 40.0
   denoiser = FakeDenoiser()
   keys = sampling.example_keys(jax.random.PRNGKey(4), 0, 3)
-  inference.sample_from_keys(denoiser, None, keys, (3, 2, 2, 1), spec, config)
+  samplers.sample_from_keys(denoiser, None, keys, (3, 2, 2, 1), spec)
   assert [float(s[0]) for s in denoiser.sigmas] == [40.0, 2.0]
 
 
 def test_start_t_is_checked():
   with pytest.raises(ValueError, match='start_t'):
-    inference.make_sampler(config_with(90.0), steps=1)  # Above sigma_max = 80.
+    samplers.make_sampler(config_with(90.0), steps=1)  # Above sigma_max = 80.
   with pytest.raises(ValueError, match='start_t'):
-    inference.make_sampler(config_with(0.001), steps=1)  # Below sigma_min.
+    samplers.make_sampler(config_with(0.001), steps=1)  # Below sigma_min.
   with pytest.raises(ValueError, match='outside'):
-    inference.make_sampler(config_with(5.0), steps=2, ts_=(10.0,))  # An intermediate time above the start.
+    samplers.make_sampler(config_with(5.0), steps=2, ts_=(10.0,))  # An intermediate time above the start.
   with pytest.raises(ValueError, match='sampling.two_step_t = 2 does not lie'):  # The default time above it.
-    inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=2)
-  assert inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=2, ts_=(0.5,)).times == (0.5,)
-  assert inference.make_sampler(config_with(1.0, two_step_t=2.0), steps=1).start_t == 1.0
+    samplers.make_sampler(config_with(1.0, two_step_t=2.0), steps=2)
+  assert samplers.make_sampler(config_with(1.0, two_step_t=2.0), steps=2, ts_=(0.5,)).times == (0.5,)
+  assert samplers.make_sampler(config_with(1.0, two_step_t=2.0), steps=1).start_t == 1.0
   edm = config_with(40.0)
   edm.loss.name = 'edm'
   with pytest.raises(ValueError, match='start_t'):
-    inference.make_sampler(edm)
+    samplers.make_sampler(edm)
   for start_t, two_step_t, field in ((100.0, 2.0, 'sampling.start_t'), (1.5, 2.0, 'sampling.two_step_t')):
     config = default.get_config()
     config.sampling.start_t, config.sampling.two_step_t = start_t, two_step_t
@@ -93,13 +93,13 @@ def test_two_step_search_stays_below_start_t():
     calls.append(t)
     return {'classifier_fd': float(np.log(t / 20.0) ** 2)}  # Minimal above the start: the search's top point wins.
 
-  result = evaluate.search_two_step_time(score_at_time, 'classifier_fd', config, 18)
+  result = two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config, 18)
   grid = np.asarray(karras.karras_grid(18, 0.002, 80.0, 7.0))[::-1]
   below = [i for i in range(1, 17) if grid[i] < 10.0]
   assert all(t < 10.0 for t in calls)
   assert result['best_index'] == below[0] and result['best_t'] == pytest.approx(float(grid[below[0]]))
   with pytest.raises(ValueError, match='start_t'):
-    evaluate.search_two_step_time(score_at_time, 'classifier_fd', config_with(0.0025), 18)
+    two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config_with(0.0025), 18)
 
 
 def test_jitted_sampler_uses_start_t():
@@ -107,8 +107,8 @@ def test_jitted_sampler_uses_start_t():
   config = config_with(40.0)
   denoiser = FakeDenoiser()
   keys = sampling.example_keys(jax.random.PRNGKey(5), 0, 2)
-  spec = inference.make_sampler(config, steps=1)
-  run = inference.make_sample_fn(denoiser, config)
+  spec = samplers.make_sampler(config, steps=1)
+  run = samplers.make_sample_fn(denoiser)
   jitted = np.asarray(run(None, keys, spec, (2, 2, 2, 1)))
-  eager = np.asarray(inference.sample_from_keys(denoiser, None, keys, (2, 2, 2, 1), spec, config))
+  eager = np.asarray(samplers.sample_from_keys(denoiser, None, keys, (2, 2, 2, 1), spec))
   np.testing.assert_allclose(jitted, eager, rtol=1e-6)

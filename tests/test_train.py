@@ -12,9 +12,9 @@ import tensorflow_datasets as tfds
 
 from cm_jax import checkpointing
 from cm_jax import inference
-from cm_jax.core import losses
 from cm_jax import train
 from cm_jax.configs import test as test_config
+from cm_jax.core import losses
 
 
 def tiny_config(**overrides):

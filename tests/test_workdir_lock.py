@@ -10,8 +10,8 @@ import time
 import pytest
 
 from cm_jax import train
-from cm_jax.runtime import workdir_lock
 from cm_jax.configs import test as test_config
+from cm_jax.runtime import workdir_lock
 
 
 def write_holder(workdir, **fields):

@@ -1,5 +1,5 @@
 """Shared pieces of the experiment configs: recipe helpers (apply_ict, apply_ct2023, apply_edm, apply_cd, apply_ect)
-and the ADM network layout (apply_adm_unet).
+the ADM network layout (apply_adm_unet), and configs as data (flatten_dict, config_from_json_dict).
 
 A recipe helper sets, on a config of configs/default.py or one derived from it, the fields that a published
 training recipe fixes whatever the dataset: the loss and what goes with it (the optimizer family; the teacher
@@ -11,7 +11,7 @@ declares, and leaves every other field as the base has it.
 apply_adm_unet does the same for a network: the layout knobs that ADM fixes, with the size as arguments.
 
 Not a config: it has no get_config(). Imported by the config files, so it imports only ml_collections and the
-standard library.
+standard library (config_from_json_dict reads configs/default.py when called).
 """
 
 from typing import Optional, Tuple
@@ -193,3 +193,44 @@ def apply_adm_unet(config: ml_collections.ConfigDict, *, ch: int, ch_mult: Tuple
   model.embedding = 'fourier'
   model.fourier_scale = 0.02
   return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs as data: flat keys for logs and comparisons, and the ConfigDict back from a checkpoint's JSON.
+# ----------------------------------------------------------------------------------------------------------
+def flatten_dict(d: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten_dict(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def config_from_json_dict(d: dict) -> ml_collections.ConfigDict:
+  """ConfigDict from its JSON form, on top of cm_jax/configs/default.py.
+
+  Lists become tuples again (configs use tuples for sequences); fields added to cm_jax after the
+  checkpoint was written take their defaults, so older runs stay loadable.
+  """
+  def fix(v):
+    if isinstance(v, dict):
+      return {k: fix(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(fix(x) for x in v)
+    return v
+
+  def merge(base: dict, saved: dict) -> dict:
+    out = dict(base)
+    for k, v in saved.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+  d = fix(d)
+  training = d.get('training', {})
+  if isinstance(training.get('ema_warmup'), bool):  # Before 2026-11-29 a bool: True was today's 'capped'.
+    training['ema_warmup'] = 'capped' if training['ema_warmup'] else 'none'
+  from cm_jax.configs import default  # pylint: disable=g-import-not-at-top  (default.py may use these helpers)
+  return ml_collections.ConfigDict(merge(default.get_config().to_dict(), d))

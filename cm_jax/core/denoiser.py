@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cm_jax.core import karras
 from cm_jax import models
+from cm_jax.core import karras
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Zero-shot image editing with a consistency model (CM paper, Algorithm 4): pure and jit-able.
+"""Editing maths (the edit CLI is cm_jax/edit.py): zero-shot editing with a consistency model (CM Algorithm 4).
 
 `denoise_fn(x_BHWC, sigma_B) -> x0_BHWC` is the consistency function with its parameters bound, as in
 cm_jax/core/sampling.py. Images are NHWC in [-1, 1], any channel count unless a task says otherwise.

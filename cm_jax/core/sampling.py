@@ -1,4 +1,4 @@
-"""Sampling from a consistency function (CM Algorithm 1): pure and jit-able.
+"""Sampling maths (the sample CLI is cm_jax/sample.py): consistency sampling (CM Algorithm 1), EDM ODE solvers.
 
 `denoise_fn(x_BHWC, sigma_B) -> x0_BHWC` is the consistency function with its parameters bound, e.g.
 `functools.partial(denoiser, params)`.

@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from cm_jax.runtime import atomic_file
 from cm_jax import input_pipeline
+from cm_jax.runtime import atomic_file
+from cm_jax.runtime import device_map
 from cm_jax.runtime import paths
 from cm_jax.runtime import progress as progress_lib
 from cm_jax.runtime import sharding
@@ -96,20 +97,11 @@ class Classifier:
       raise ValueError(f'The classifier takes uint8 images of shape (N, {self.image_shape}), got '
                        f'{images_BHWC.dtype} {images_BHWC.shape}.')
     mesh = sharding.make_mesh(jax.local_devices() if devices is None else devices)
-    size = sharding.padded_batch_size(max(1, min(batch_size, len(images_BHWC))), mesh)  # One compiled shape.
     params = sharding.replicate(self.params, mesh)
-    feats, probs = [], []
-    progress = progress_lib.Progress(progress_label, total=len(images_BHWC), unit='images',
-                                     enabled=jax.process_index() == 0)
-    for start in range(0, len(images_BHWC), size):
-      chunk = images_BHWC[start:start + size]
-      padded = np.pad(chunk, ((0, size - len(chunk)), (0, 0), (0, 0), (0, 0)))
-      f, p = self._apply(mesh)(params, sharding.shard_batch(padded, mesh))
-      feats.append(sharding.to_host(f).astype(np.float64)[:len(chunk)])
-      probs.append(sharding.to_host(p).astype(np.float64)[:len(chunk)])
-      progress.update(len(chunk))  # After to_host: the batch is done, and counting it costs nothing.
-    progress.done()
-    return np.concatenate(feats), np.concatenate(probs)
+    apply = self._apply(mesh)
+    features, probs = device_map.map_batches(lambda start, x: apply(params, x), [images_BHWC], len(images_BHWC),
+                                             batch_size, mesh, progress_label=progress_label)
+    return features.astype(np.float64), probs.astype(np.float64)
 
   def protocol(self) -> dict:
     return {'name': f'cm_jax SmallCNN classifier ({FEATURE_DIM}-d penultimate layer)',

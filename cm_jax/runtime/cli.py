@@ -245,9 +245,9 @@ def suggest_field(field: str) -> str:
 
 
 def _default_fields() -> dict:
-  from cm_jax import checkpointing  # pylint: disable=g-import-not-at-top  (Orbax only when needed)
+  from cm_jax.configs import common as config_lib  # pylint: disable=g-import-not-at-top
   from cm_jax.configs import default  # pylint: disable=g-import-not-at-top
-  return checkpointing.flatten_dict(default.get_config().to_dict())
+  return config_lib.flatten_dict(default.get_config().to_dict())
 
 
 def config_structure_problem(config) -> Optional[str]:
@@ -256,8 +256,8 @@ def config_structure_problem(config) -> Optional[str]:
   if not isinstance(config, ml_collections.ConfigDict):
     return (f'get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict; start from '
             'cm_jax.configs.default.get_config() and change fields.')
-  from cm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  fields = checkpointing.flatten_dict(config.to_dict())
+  from cm_jax.configs import common as config_lib  # pylint: disable=g-import-not-at-top
+  fields = config_lib.flatten_dict(config.to_dict())
   known = _default_fields()
   # A section holding a dict-valued leaf (none today) would flatten deeper; compare on the default's keys.
   missing = sorted(k for k in known if k not in fields)
