@@ -17,7 +17,6 @@ from absl import flags
 import numpy as np
 
 from cm_jax import inference
-
 from cm_jax import input_pipeline
 from cm_jax import samplers
 

@@ -38,7 +38,6 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from cm_jax import samplers  # pylint: disable=g-import-not-at-top
-
 from cm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 from cm_jax.core import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
 from cm_jax.data import catalog  # pylint: disable=g-import-not-at-top
@@ -73,12 +72,12 @@ def benchmark(config, name: str, sampler_name: str, batch_size: int, num: int) -
   image_shape = tuple(catalog.image_shape(run_config.data))
   # The network's parameters as training initialises them (the EMA copies are the same tree).
   params = jax.jit(functools.partial(ts.init_state, run_config, ts.make_optimizer(run_config)))().params
-  labels = samplers.draw_labels(run_config, num, seed=0)
+  labels = samplers.draw_labels(samplers.num_classes(run_config.model), num, seed=0)
   sample_fn = samplers.make_sample_fn(denoiser)
   t0 = time.perf_counter()
   first = samplers.sample_in_batches(sample_fn, params, spec, min(batch_size, num), 0, batch_size, image_shape,
-                                      labels=None if labels is None else labels[:min(batch_size, num)],
-                                      progress_label='Compiling')
+                                     labels=None if labels is None else labels[:min(batch_size, num)],
+                                     progress_label='Compiling')
   compile_s = time.perf_counter() - t0
   if not np.all(np.isfinite(first)):
     raise RuntimeError(f'{sampler_name}: non-finite samples')
@@ -113,7 +112,7 @@ def main(argv: Sequence[str]) -> int:
   del argv
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   try:
-    samplers = parse_list(FLAGS.samplers, SAMPLERS)
+    sampler_names = parse_list(FLAGS.samplers, SAMPLERS)
     batch_sizes = [int(b) for b in parse_list(FLAGS.batch_sizes)]
     if min(batch_sizes) < 1 or FLAGS.num < 1 or FLAGS.num_heun < 1:
       raise ValueError('batch sizes, --num and --num_heun must be >= 1')
@@ -122,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
     return 2
   name = config_flags.get_config_filename(FLAGS['config'])
   print(f'[sampling benchmark] {XLA_NOTE}', file=sys.stderr, flush=True)
-  for sampler_name in samplers:
+  for sampler_name in sampler_names:
     for batch_size in batch_sizes:
       num = FLAGS.num_heun if sampler_name == 'heun' else FLAGS.num
       print(json.dumps(benchmark(FLAGS.config, name, sampler_name, batch_size, num)), flush=True)

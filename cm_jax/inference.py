@@ -61,7 +61,7 @@ class LoadedModel:
   @property
   def num_classes(self) -> int:
     """Classes of a class-conditional model; 0 for an unconditional one."""
-    return int(self.config.model.num_classes) if self.config.model.class_conditional else 0
+    return samplers.num_classes(self.config.model)
 
   def labels(self, num: int, seed: int = 0, labels: samplers.LabelsArg = None) -> Optional[np.ndarray]:
     """The class labels int32 (num,) that sampling with these arguments uses (None: unconditional model).
@@ -69,7 +69,7 @@ class LoadedModel:
     labels: None draws them uniformly (label i depends only on (seed, i)), an int gives every sample that
     class, an array gives one label per sample.
     """
-    return samplers.resolve_labels(self.config, num, seed, labels)
+    return samplers.resolve_labels(self.num_classes, num, seed, labels)
 
   def sample_float(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None,
                    seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None,
@@ -84,7 +84,7 @@ class LoadedModel:
     """
     spec = samplers.make_sampler(self.config, sampler, steps, ts)
     return samplers.sample_in_batches(self._sample_fn, self.params, spec, num, seed, batch_size, self.image_shape,
-                             self.labels(num, seed, labels))
+                                      self.labels(num, seed, labels))
 
   def sample(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None, seed: int = 0,
              batch_size: int = 256, sampler: Optional[str] = None, labels: samplers.LabelsArg = None) -> np.ndarray:

@@ -1,11 +1,11 @@
 """The input pipeline of cm_jax: datasets by name, step-indexed batches, and pixel scaling.
 
-This is the one module the rest of cm_jax calls; the per-source readers live in cm_jax/data/. A split is a
-`Dataset` (load_dataset): rows addressed by index, either decoded once into host memory (data.storage =
-'memory') or read on demand (data.storage = 'stream': TFDS ArrayRecord random access, or the image files). The
-batch of training step k is a pure function of (seed, k) (see `batch_indices`), and each process reads only its
-rows of it (`local_batch`, `BatchStream`), so a restarted run resumes exactly where it stopped and there is no
-iterator state to checkpoint.
+This is the data interface the rest of cm_jax calls (image shapes aside: cm_jax.data.catalog.image_shape); the
+per-source readers live in cm_jax/data/. A split is a `Dataset` (load_dataset): rows addressed by index, either
+decoded once into host memory (data.storage = 'memory') or read on demand (data.storage = 'stream': TFDS
+ArrayRecord random access, or the image files). The batch of training step k is a pure function of (seed, k) (see
+`batch_indices`), and each process reads only its rows of it (`local_batch`, `BatchStream`), so a restarted run
+resumes exactly where it stopped and there is no iterator state to checkpoint.
 
 Datasets: 'mnist', 'fashion_mnist' (28x28 gray; IDX files or TFDS); 'cifar10' (TFDS, 32x32); 'imagenette'
 (TFDS 'imagenette/<data.tfds_config or 160px-v2>'); 'imagenet64' (TFDS 'imagenet_resized/64x64', prepared by
@@ -34,7 +34,7 @@ from cm_jax.data.idx import read_idx  # pylint: disable=unused-import
 # benchmarks import; re-exported here (image shapes: cm_jax.data.catalog.image_shape, the one door).
 from cm_jax.core.pixels import to_model_range, to_uint8  # pylint: disable=unused-import
 from cm_jax.data.catalog import data_source as _source, dataset_spec as _spec, image_size as _size
-from cm_jax.data.catalog import DatasetSpec, SUPPORTED  # pylint: disable=unused-import
+from cm_jax.data.catalog import SUPPORTED  # pylint: disable=unused-import
 
 MNIST_FAMILY = ('mnist', 'fashion_mnist')
 

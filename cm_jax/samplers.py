@@ -177,6 +177,9 @@ def make_sample_fn(denoiser: Denoiser, mesh: Optional[Mesh] = None):
   Compiled once per (sampler name, steps, shape): the intermediate times are a traced argument, so trying
   many times (the two-step search) does not recompile.
   """
+  if mesh is not None and not isinstance(mesh, Mesh):  # make_sample_fn(denoiser, config) before samplers.py.
+    raise TypeError(f'make_sample_fn(denoiser, mesh=None): mesh must be a jax.sharding.Mesh, got '
+                    f'{type(mesh).__name__}; the sampler spec (make_sampler) now carries what the config set.')
   mesh = sharding.make_mesh() if mesh is None else mesh
   replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
@@ -252,27 +255,33 @@ def sample_in_batches(sample_fn, params: Any, spec: Sampler, num: int, seed: int
                                 before_batch=before_batch)
 
 
-def draw_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> Optional[np.ndarray]:
-  """Uniform class labels int32 (num,) for a class-conditional model (None otherwise); label i depends only on
-  (seed, i), so a longer draw extends a shorter one."""
-  if not config.model.class_conditional:
+def num_classes(model_config: ml_collections.ConfigDict) -> int:
+  """Classes of a class-conditional model (model.num_classes); 0 for an unconditional one."""
+  return int(model_config.num_classes) if model_config.class_conditional else 0
+
+
+def draw_labels(num_classes: int, num: int, seed: int) -> Optional[np.ndarray]:
+  """Uniform class labels int32 (num,) for a class-conditional model of `num_classes` classes (None for an
+  unconditional one, num_classes = 0); label i depends only on (seed, i), so a longer draw extends a shorter
+  one."""
+  if not num_classes:
     return None
-  return np.random.default_rng((seed, 0x1abe1)).integers(0, config.model.num_classes, num).astype(np.int32)
+  return np.random.default_rng((seed, 0x1abe1)).integers(0, num_classes, num).astype(np.int32)
 
 
-def resolve_labels(config: ml_collections.ConfigDict, num: int, seed: int,
-                   labels: LabelsArg = None) -> Optional[np.ndarray]:
+def resolve_labels(num_classes: int, num: int, seed: int, labels: LabelsArg = None) -> Optional[np.ndarray]:
   """The labels of `num` samples: drawn uniformly (None), one class for all (an int), or as given (an array).
 
-  Raises ValueError for labels given to an unconditional model and for labels outside [0, num_classes).
+  num_classes: the model's (`num_classes(config.model)`; 0 for an unconditional model). Raises ValueError for
+  labels given to an unconditional model and for labels outside [0, num_classes).
   """
-  if not config.model.class_conditional:
+  if not num_classes:
     if labels is not None:
       raise ValueError('This model is unconditional (model.class_conditional = False): it takes no class labels.')
     return None
   if labels is None:
-    return draw_labels(config, num, seed)
-  k = config.model.num_classes
+    return draw_labels(num_classes, num, seed)
+  k = num_classes
   out = np.full((num,), labels, np.int32) if np.ndim(labels) == 0 else np.asarray(labels, np.int32)
   if out.shape != (num,):
     raise ValueError(f'Expected one class label per sample ({num}), got an array of shape {out.shape}.')
@@ -282,10 +291,8 @@ def resolve_labels(config: ml_collections.ConfigDict, num: int, seed: int,
   return out
 
 
-def grid_labels(config: ml_collections.ConfigDict, num: int) -> Optional[np.ndarray]:
+def grid_labels(num_classes: int, num: int) -> Optional[np.ndarray]:
   """Labels of the training-time sample grids: classes 0, 1, 2, ... in turn (None for unconditional models)."""
-  if not config.model.class_conditional:
+  if not num_classes:
     return None
-  return (np.arange(num) % config.model.num_classes).astype(np.int32)
-
-
+  return (np.arange(num) % num_classes).astype(np.int32)

@@ -275,7 +275,7 @@ def sample_grid_writer(config: ml_collections.ConfigDict, workdir: str, denoiser
   and TensorBoard."""
   num = config.training.num_eval_samples
   specs = samplers.grid_samplers(config)
-  labels_B = samplers.grid_labels(config, num)
+  labels_B = samplers.grid_labels(samplers.num_classes(config.model), num)
   keys = sampling.example_keys(jax.random.PRNGKey(config.seed + 1), 0, num)
   p_sample_grid = jax.jit(lambda params: tuple(samplers.sample_from_keys(
       denoiser, params, keys, (num,) + tuple(image_shape), spec, labels_B=labels_B) for spec in specs),
@@ -302,7 +302,7 @@ def score_writer(config: ml_collections.ConfigDict, denoiser, image_shape, mesh,
   evaluator = evaluator_lib.make_evaluator_on_all_processes(config)
   p_sample = samplers.make_sample_fn(denoiser, mesh=mesh)
   specs = samplers.grid_samplers(config)
-  labels = samplers.draw_labels(config, ev.num_samples, ev.seed)
+  labels = samplers.draw_labels(samplers.num_classes(config.model), ev.num_samples, ev.seed)
 
   def write(step: int, state: ts.TrainState) -> None:
     params = sampling_params(state)

@@ -100,6 +100,9 @@ def test_two_step_search_stays_below_start_t():
   assert result['best_index'] == below[0] and result['best_t'] == pytest.approx(float(grid[below[0]]))
   with pytest.raises(ValueError, match='start_t'):
     two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config_with(0.0025), 18)
+  for outside in (0.002, 90.0):  # A library caller (a notebook) gets the range check config_validation makes.
+    with pytest.raises(ValueError, match=r'must lie in \(sigma_min, sigma_max\]'):
+      two_step_search.search_two_step_time(score_at_time, 'classifier_fd', config_with(outside), 18)
 
 
 def test_jitted_sampler_uses_start_t():

@@ -1,4 +1,4 @@
-"""Shared pieces of the experiment configs: recipe helpers (apply_ict, apply_ct2023, apply_edm, apply_cd, apply_ect)
+"""Shared pieces of the experiment configs: recipe helpers (apply_ict, apply_ct2023, apply_edm, apply_cd, apply_ect),
 the ADM network layout (apply_adm_unet), and configs as data (flatten_dict, config_from_json_dict).
 
 A recipe helper sets, on a config of configs/default.py or one derived from it, the fields that a published

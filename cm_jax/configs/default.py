@@ -206,7 +206,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.diffusion_steps = 18   # Karras-grid steps (EDM: 18, i.e. 35 network calls with Heun).
 
   # ---------------------------------------------------------------------------------------------
-  # evaluation: sample-quality metrics (cm_jax/evaluate.py; in training every `every` steps).
+  # evaluation: sample-quality metrics (cm_jax/evaluation/; in training every `every` steps).
   # ---------------------------------------------------------------------------------------------
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.every = 0            # Steps between in-training evaluations (0: none). Each samples num_samples

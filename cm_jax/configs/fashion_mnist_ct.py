@@ -2,7 +2,7 @@
 
 Budget: 7800 steps of batch 32, sized from `python benchmarks/time_to_quality.py --minutes=30` on the 2-core
 Intel Xeon (AVX-512) of the development machines, where the train step runs at ~4.6 steps/s with cm_jax's
-XLA CPU defaults (cm_jax/xla_flags.py): 7843 steps trained in 1697 s, 1726 s with start-up. A slower CPU
+XLA CPU defaults (cm_jax/runtime/xla_flags.py): 7843 steps trained in 1697 s, 1726 s with start-up. A slower CPU
 takes longer (a 2-core AVX2 EPYC ran the step at ~2.1 steps/s); size num_steps from
 `python benchmarks/train_step.py --config=configs/fashion_mnist_ct.py` for another machine: the curriculum
 and the schedules stretch with it. A 0.7M-parameter UNet (ch 16, levels 28/14/7 with 16/32/64 channels,
