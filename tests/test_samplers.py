@@ -68,3 +68,9 @@ def test_resolved_labels_are_checked_against_the_class_count():
     samplers.resolve_labels(4, 2, 0, [1, 4])
   with pytest.raises(ValueError, match='one class label per sample'):
     samplers.resolve_labels(4, 3, 0, [1, 2])
+
+
+def test_make_sample_fn_refuses_a_config_where_the_mesh_goes():
+  config = test_config.get_config()
+  with pytest.raises(TypeError, match='mesh must be a jax.sharding.Mesh, got ConfigDict'):
+    samplers.make_sample_fn(None, config)  # The signature before the sampler spec carried the config's values.
