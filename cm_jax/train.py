@@ -308,7 +308,7 @@ def score_writer(config: ml_collections.ConfigDict, denoiser, image_shape, mesh,
     params = sampling_params(state)
     sample = lambda spec, num: input_pipeline.to_uint8(samplers.sample_in_batches(
         p_sample, params, spec, num, ev.seed, ev.batch_size, image_shape, labels, before_batch=stop_signal.check))
-    results = evaluator_lib.score_samplers(sample, evaluator, specs, ev.num_samples, config.consistency.sigma_max)
+    results = evaluator_lib.score_samplers(sample, evaluator, specs, ev.num_samples)
     writer.write_scalars(step, {f'eval/{evaluator_lib.sampler_key(spec)}/{key}': value
                                 for spec, result in zip(specs, results)
                                 for key, value in evaluator_lib.scalar_scores(result).items()})

@@ -191,6 +191,11 @@ class FakeSampler:
   steps: int
   times: tuple = ()
   start_t: float = None
+  sigma_max: float = 80.0
+
+  @property
+  def first_time(self) -> float:
+    return self.sigma_max if self.start_t is None else self.start_t
 
   def describe(self) -> str:
     return f'{self.name} x{self.steps}'
@@ -213,7 +218,7 @@ def test_score_samplers_samples_and_scores_each_sampler_in_order(monkeypatch):
 
   specs = [FakeSampler('consistency', 1), FakeSampler('consistency', 2, (0.8,), start_t=40.0),
            FakeSampler('heun', 18)]
-  results = evaluator.score_samplers(sample, FakeEvaluator(), specs, 5, sigma_max=80.0)
+  results = evaluator.score_samplers(sample, FakeEvaluator(), specs, 5)
   assert calls == [('consistency', 1, 5), ('consistency', 2, 5), ('heun', 18, 5)]
   assert list(results[0]) == ['sampler', 'steps', 'times', 'start_t', 'description', 'sampling_seconds', 'fd',
                               'precision_recall_k', 'class_fractions']

@@ -9,7 +9,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO_ROOT, 'cm_jax')
 CLIS = {'cm_jax.train', 'cm_jax.sample', 'cm_jax.evaluate', 'cm_jax.edit'}
 # What each part of the package may import from cm_jax (besides itself). The layers, bottom up: runtime and
-# configs; models and the pure maths (core); data; evaluation and samplers; training and the notebook API;
+# configs; models and the pure maths (core); data; samplers; evaluation; training and the notebook API;
 # the four command-line tools.
 ALLOWED = {
     'cm_jax.runtime': {'cm_jax.configs'},
@@ -19,7 +19,7 @@ ALLOWED = {
     'cm_jax.data': {'cm_jax.runtime', 'cm_jax.core'},
     'cm_jax.input_pipeline': {'cm_jax.data', 'cm_jax.core', 'cm_jax.runtime'},
     'cm_jax.evaluation': {'cm_jax.runtime', 'cm_jax.core', 'cm_jax.data', 'cm_jax.input_pipeline',
-                          'cm_jax.configs'},
+                          'cm_jax.configs', 'cm_jax.samplers'},
     'cm_jax.samplers': {'cm_jax.runtime', 'cm_jax.core', 'cm_jax.models'},
 }
 

@@ -5,7 +5,7 @@ in-training evaluation alike.
 Evaluator.run(images) yields the scores as (name, value): the Frechet distance to the reference features, the
 Inception Score of the feature network's softmax, improved precision and recall (k-NN, k = evaluation.pr_k) and,
 with the classifier feature network, the class balance. Nothing here imports a CLI module or cm_jax.inference:
-samplers and models are passed in.
+sampling functions and models are passed in.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import time
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from absl import logging
 import jax
@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from cm_jax import input_pipeline
+from cm_jax import samplers
 from cm_jax.data import catalog
 from cm_jax.evaluation import classifier as classifier_lib
 from cm_jax.evaluation import metrics
@@ -39,17 +40,6 @@ REFERENCE_FORMAT = 1  # Bump when feature extraction changes: it invalidates cac
 FEATURE_NETS = ('auto', 'classifier', 'inception')
 # The keys of a score_samplers result that describe the sampler and its timing; the others are scores.
 SAMPLER_FIELDS = ('sampler', 'steps', 'times', 'start_t', 'description', 'sampling_seconds')
-
-
-class Sampler(Protocol):
-  """What evaluation reads of a sampler (cm_jax's Sampler dataclass): passed in, so no import of it here."""
-  name: str  # 'consistency' | 'heun' | 'euler'
-  steps: int
-  times: tuple[float, ...]
-  start_t: Optional[float]  # Consistency sampling's first time; None: consistency.sigma_max.
-
-  def describe(self) -> str:
-    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +248,18 @@ def make_evaluator_on_all_processes(config: ml_collections.ConfigDict) -> Evalua
   return multihost.process_zero_first(lambda: make_evaluator(config), 'cm_jax_evaluator_cached')
 
 
-def sampler_key(spec: Sampler) -> str:
+def sampler_key(spec: samplers.Sampler) -> str:
   """A short name for metric tags: '1step', '2step', 'heun18'."""
   return f'{spec.steps}step' if spec.name == 'consistency' else f'{spec.name}{spec.steps}'
 
 
-def score_samplers(sample: Callable[[Sampler, int], np.ndarray], evaluator: Evaluator, samplers: Sequence[Sampler],
-                   num: int, sigma_max: float) -> list[dict]:
+def score_samplers(sample: Callable[[samplers.Sampler, int], np.ndarray], evaluator: Evaluator,
+                   specs: Sequence[samplers.Sampler], num: int) -> list[dict]:
   """Samples `num` uint8 images (N, H, W, C) with each sampler (sample(spec, num)) and scores them; per sampler
-  in order, {'sampler', 'steps', 'times', 'start_t' (consistency samplers; sigma_max when spec.start_t is
-  None), 'description', 'sampling_seconds'} and the evaluator's scores, as the evaluate CLI's JSON `results`."""
+  in order, {'sampler', 'steps', 'times', 'start_t' (consistency samplers: spec.first_time), 'description',
+  'sampling_seconds'} and the evaluator's scores, as the evaluate CLI's JSON `results`."""
   results = []
-  for spec in samplers:
+  for spec in specs:
     t0 = time.time()
     samples = sample(spec, num)
     t1 = time.time()
@@ -277,7 +267,7 @@ def score_samplers(sample: Callable[[Sampler, int], np.ndarray], evaluator: Eval
     logging.info('%s: %s (%.0f s sampling, %.0f s scoring)', spec.describe(),
                  ', '.join(f'{k} {v:.4f}' for k, v in scores.items() if np.isscalar(v)), t1 - t0,
                  time.time() - t1)
-    start = {} if spec.name != 'consistency' else {'start_t': sigma_max if spec.start_t is None else spec.start_t}
+    start = {} if spec.name != 'consistency' else {'start_t': spec.first_time}
     results.append(dict(sampler=spec.name, steps=spec.steps, times=list(spec.times), **start,
                         description=spec.describe(), sampling_seconds=round(t1 - t0, 2), **scores))
   return results
@@ -304,20 +294,20 @@ def memorization_check(config: ml_collections.ConfigDict, samples_BHWC: np.ndarr
               num_train=int(len(train)), num_heldout=int(len(heldout)))
 
 
-def evaluate(model: Any, evaluator: Evaluator, samplers: Sequence[Sampler], num: int, seed: int = 0,
+def evaluate(model: Any, evaluator: Evaluator, specs: Sequence[samplers.Sampler], num: int, seed: int = 0,
              batch_size: int = 256, search_points: int = 0, search_num: int = 0, memorization_num: int = 0) -> dict:
   """The evaluate CLI's JSON object for a loaded model (an inference.LoadedModel): the scores of each sampler,
   the protocol, and optionally the two-step search (search_points > 0) and the memorisation check."""
   kept = []  # The first sampler's samples, for the memorisation check.
 
-  def sample(spec: Sampler, n: int) -> np.ndarray:
+  def sample(spec: samplers.Sampler, n: int) -> np.ndarray:
     images = model.sample(n, steps=spec.steps, ts=spec.times or None, seed=seed, batch_size=batch_size,
                           sampler=spec.name)
     if memorization_num and not kept:
       kept.append(images[:memorization_num])
     return images
 
-  results = score_samplers(sample, evaluator, samplers, num, model.config.consistency.sigma_max)
+  results = score_samplers(sample, evaluator, specs, num)
   protocol = dict(evaluator.protocol(num), sampling_seed=seed)
   if model.num_classes:
     protocol['class_labels'] = (f'drawn uniformly from the {model.num_classes} classes (label i from (seed, i), '

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cm_jax import samplers
 from cm_jax.core import karras
 from cm_jax.runtime import progress as progress_lib
 
@@ -58,11 +59,7 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
   if points < 3:
     raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
   grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
-  # Consistency sampling's first time, as samplers.start_time computes and checks it.
-  first = float(cc.sigma_max if config.sampling.start_t is None else config.sampling.start_t)
-  if not cc.sigma_min < first <= cc.sigma_max:
-    raise ValueError(f'sampling.start_t = {first:g} must lie in (sigma_min, sigma_max] = '
-                     f'({cc.sigma_min:g}, {cc.sigma_max:g}].')
+  first = samplers.start_time(config)  # Consistency sampling's first time, checked to lie in (eps, T].
   lo = next((i for i in range(1, points - 1) if grid[i] < first), None)
   if lo is None:
     raise ValueError(f'No point of the {points}-point grid lies below sampling.start_t = {first:g}; raise '
