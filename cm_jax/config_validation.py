@@ -17,7 +17,7 @@ CHOICES = {
     'training.ema_warmup': ('capped', 'debias', 'none'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
-    'loss.name': ('ct', 'edm', 'cd', 'ect'),
+    'loss.name': ('ct', 'edm', 'cd', 'ect', 'sct', 'scd'),
     'loss.schedule': ('exponential', 'adaptive', 'fixed'),
     'loss.index_distribution': ('lognormal', 'uniform'),
     'loss.distance': ('pseudo_huber', 'l2', 'l1', 'l2_norm'),
@@ -47,6 +47,9 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 # Sequence fields and the type of their elements (overrides such as --config.model.ch_mult=(1,x) pass
 # ml_collections' own type checks, which look at the tuple only).
+# Losses that read an EDM teacher (config.teacher.workdir).
+TEACHER_LOSSES = ('cd', 'ect', 'scd')
+
 SEQUENCES = {'model.ch_mult': int, 'model.attn_resolutions': int, 'training.ema_rates': float}
 
 
@@ -116,20 +119,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if lc.schedule == 'fixed' and lc.target == 'ema' and lc.name in ('ct', 'cd'):
     _require(lc.mu_variant == 'constant', 'loss.mu_variant',
              "with a fixed schedule the target EMA rate is constant: use mu_variant = 'constant' (mu = mu0).")
-  if lc.name not in ('cd', 'ect'):
+  if lc.name not in TEACHER_LOSSES + ('sct',):
     _require(config.teacher.workdir is None, 'teacher.workdir',
-             f"is set, but loss.name = {lc.name!r} has no teacher (only 'cd' and 'ect' use one); unset it or pick "
-             "--config.loss.name=cd / ect.")
-  if lc.name in ('edm', 'ect'):
+             f"is set, but loss.name = {lc.name!r} has no teacher (only 'cd', 'ect', 'scd' and 'sct' use one); "
+             "unset it or pick --config.loss.name=cd / ect / scd / sct.")
+  if lc.name in ('edm', 'ect', 'sct', 'scd'):
     _require(lc.target == 'stopgrad', 'loss.target',
              f"loss.name = {lc.name!r} has no target network; leave loss.target = 'stopgrad'.")
-  if lc.name in ('cd', 'ect'):
+  _require(lc.tangent_warmup_steps >= 0, 'loss.tangent_warmup_steps', f'must be >= 0 (0: no warm-up), got '
+           f'{lc.tangent_warmup_steps}.')
+  _require(lc.tangent_c > 0, 'loss.tangent_c', f'must be > 0 (sCM: 0.1), got {lc.tangent_c}.')
+  _require(not mc.adaptive_weight or lc.name in ('sct', 'scd'), 'model.adaptive_weight',
+           f"is the adaptive loss weight of loss.name = 'sct' / 'scd'; loss.name = {lc.name!r} does not use it: "
+           'set it to False.')
+  if lc.name in TEACHER_LOSSES:
     _require(config.teacher.workdir is not None, 'teacher.workdir',
              f"loss.name = {lc.name!r} needs an EDM teacher: set --config.teacher.workdir=DIR to the workdir of a "
              "run trained with loss.name='edm' (e.g. configs/fashion_mnist_edm.py).")
   if lc.name == 'ect':
     _require(config.teacher.init_student, 'teacher.init_student',
              'ECT fine-tunes the teacher: it must start from the teacher\'s weights (set it to True).')
+  if lc.name == 'sct' and config.teacher.workdir is not None:
+    _require(config.teacher.init_student, 'teacher.init_student',
+             "an 'sct' run reads teacher.workdir only for its first weights: set teacher.init_student = True, or "
+             'unset teacher.workdir to train from random weights.')
   _require(config.sampling.diffusion_steps >= 1, 'sampling.diffusion_steps', 'must be >= 1.')
 
   _require(0.0 <= mc.dropout < 1.0, 'model.dropout', f'must lie in [0, 1), got {mc.dropout}.')

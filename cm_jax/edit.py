@@ -32,6 +32,8 @@ from PIL import Image
 
 from cm_jax import inference
 from cm_jax import input_pipeline
+from cm_jax import samplers
+from cm_jax.core import denoiser as denoiser_lib
 from cm_jax.core import editing
 from cm_jax.core import sampling
 from cm_jax.runtime import cli
@@ -154,6 +156,16 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Editing
 # --------------------------------------------------------------------------------------------------
+def default_times(task: str, first: float, sigma_max: float) -> tuple[float, ...]:
+  """The task's default times, their leading sigma_max replaced by `first`, the run's first sampling time
+  (sampling.start_t when set): editing from pure noise starts where sampling does. Stroke-guided times start
+  below either and stay as they are."""
+  times = tuple(_TIMED_TASKS[task])
+  if times and times[0] == sigma_max and first != sigma_max:
+    times = (first,) + times[1:]
+  return times
+
+
 def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.ndarray], *, mask: str = 'center',
              factor: int = 2, sigma: float = 0.5, ts: Optional[Sequence[float]] = None, seed: int = 0,
              num: int = 16, alphas: int = 8, batch_size: int = 64,
@@ -178,10 +190,12 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   if task == 'colorize' and c != 3:
     raise ValueError(f'colorize needs an RGB model; this run makes {c}-channel images '
                      f'(data.name = {model.config.data.name!r}), so there is no colour to generate.')
-  bounds = dict(sigma_min=cc.sigma_min, sigma_max=cc.sigma_max)
+  # eps of the run's consistency function (0 for sCM runs): the re-noising of each later step, as in sampling.
+  bounds = dict(sigma_min=denoiser_lib.boundary(model.config), sigma_max=cc.sigma_max)
+  first = samplers.start_time(model.config)  # sampling.start_t, else sigma_max: where sampling starts too.
   times = None
   if task in _TIMED_TASKS:
-    times = editing.validate_edit_times(_TIMED_TASKS[task] if ts is None else ts, **bounds)
+    times = editing.validate_edit_times(default_times(task, first, cc.sigma_max) if ts is None else ts, **bounds)
   seed_key = jax.random.PRNGKey(seed)
   edit_seed, degrade_seed = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
 
@@ -210,7 +224,7 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     def interp(params, keys1, keys2):
       z1 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys1)
       z2 = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys2)
-      x_ABHWC = editing.interpolate(f(params), z1, z2, alphas_A, sigma_max=cc.sigma_max, clip=clip)
+      x_ABHWC = editing.interpolate(f(params), z1, z2, alphas_A, sigma_max=first, clip=clip)
       return jnp.swapaxes(x_ABHWC, 0, 1)
 
     def run_interp(start, index):

@@ -22,7 +22,7 @@ import numpy as np
 
 from cm_jax.core import karras
 from cm_jax.core import sampling
-from cm_jax.core.denoiser import Denoiser, is_diffusion_model
+from cm_jax.core.denoiser import Denoiser, boundary, is_diffusion_model
 from cm_jax.runtime import device_map
 from cm_jax.runtime import sharding
 
@@ -35,7 +35,8 @@ class Sampler:
   """How to sample: 'consistency' (CM Algorithm 1 with intermediate `times`) or 'heun'/'euler' (EDM ODE).
 
   start_t: consistency sampling's first time, x = start_t z and f(x, start_t) (None: sigma_max).
-  sigma_min, sigma_max, rho: the run's noise range and Karras grid (config.consistency); clip: clip the
+  sigma_min, sigma_max, rho: the run's noise range and Karras grid (config.consistency; for consistency
+  sampling sigma_min is the consistency function's boundary, denoiser.boundary: 0 for sCM); clip: clip the
   result to [-1, 1] (config.sampling.clip). A spec is hashable: jit takes it as a static argument.
   """
   name: str
@@ -88,6 +89,9 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
                      "EDM denoiser).")
   steps = 1 if steps is None else steps
   start_t = None if config.sampling.start_t is None else start_time(config)
+  # The re-noising sqrt(t^2 - eps^2) of later steps uses the boundary of the run's consistency function
+  # (0 for sCM runs, trained without the sigma_min shift).
+  noise['sigma_min'] = boundary(config)
   return Sampler('consistency', int(steps), sampling_times(config, steps, ts_), start_t, **noise)
 
 

@@ -1,4 +1,4 @@
-"""The EDM teacher of consistency distillation ('cd') and easy consistency tuning ('ect').
+"""The EDM teacher of consistency distillation ('cd', 'scd') and easy consistency tuning ('ect').
 
 The teacher is a cm_jax run trained with loss.name = 'edm'. Its sampling-EMA parameters are restored read-only
 through Orbax (inference.load) before anything is traced; the losses receive them as an argument.
@@ -19,6 +19,9 @@ from cm_jax import inference
 from cm_jax.configs import common as config_lib
 from cm_jax.runtime import paths
 
+# Losses that use the teacher only for the student's first weights (an 'sct' run may also have none).
+INIT_ONLY_LOSSES = ('ect', 'sct')
+
 # Fields where the student must agree with its teacher whatever the initialisation.
 _SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_config', 'data.class_map',
                   'consistency.sigma_data', 'model.class_conditional', 'model.num_classes')
@@ -26,15 +29,18 @@ _SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_conf
 
 def pin(config: ml_collections.ConfigDict,
         saved_record: Optional[dict]) -> tuple[Optional[inference.LoadedModel], Optional[dict]]:
-  """The teacher of a 'cd' or 'ect' run and its fingerprint; (None, None) for other losses.
+  """The teacher of a 'cd', 'scd', 'ect' run (or an 'sct' run with teacher.workdir) and its fingerprint; (None,
+  None) for other runs.
 
-  saved_record is the fingerprint in the run's newest checkpoint (None at a fresh start). A CD run loads its
-  teacher and refuses one that differs from the record; an ECT run, which uses the teacher only for its first
-  weights, resumes without loading it (teacher None) and keeps the record.
+  saved_record is the fingerprint in the run's newest checkpoint (None at a fresh start). A CD or sCD run loads
+  its teacher and refuses one that differs from the record; an ECT or sCT run, which uses the teacher only for
+  its first weights, resumes without loading it (teacher None) and keeps the record.
   """
-  if config.loss.name not in ('cd', 'ect'):
+  if config.loss.name not in ('cd', 'ect', 'scd', 'sct'):
     return None, None
-  if config.loss.name == 'ect' and saved_record is not None:
+  if config.loss.name == 'sct' and config.teacher.workdir is None:  # sCT from random weights.
+    return None, None
+  if config.loss.name in INIT_ONLY_LOSSES and saved_record is not None:
     return None, saved_record
   teacher = load_teacher(config)
   record = fingerprint(teacher, config.teacher.workdir)
@@ -85,8 +91,10 @@ def check_teacher(teacher_config: ml_collections.ConfigDict, config: ml_collecti
     if old.get(field) != new.get(field):
       problems.append(f'{field}: teacher {old.get(field)!r}, student {new.get(field)!r}')
   if config.teacher.init_student:
-    model_diff = sorted(k for k in old.keys() | new.keys()  # Dropout does not change the parameters.
-                        if k.startswith('model.') and k != 'model.dropout' and old.get(k) != new.get(k))
+    # Dropout does not change the parameters; the student's adaptive-weight head starts fresh.
+    model_diff = sorted(k for k in old.keys() | new.keys()
+                        if k.startswith('model.') and k not in ('model.dropout', 'model.adaptive_weight')
+                        and old.get(k) != new.get(k))
     problems.extend(f'{k}: teacher {old.get(k)!r}, student {new.get(k)!r} (teacher.init_student = True copies '
                     "the teacher's weights, so config.model must equal the teacher's; or set "
                     'teacher.init_student = False for a randomly initialised student)' for k in model_diff)

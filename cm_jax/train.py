@@ -102,7 +102,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
     data_fingerprint = (train_data.fingerprint if teacher_record is None else
                         dict(train_data.fingerprint, teacher=teacher_record))
     denoiser = denoiser_lib.make_denoiser(config)
-    distilling = config.loss.name == 'cd'
+    distilling = config.loss.name in ('cd', 'scd')
     objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
     tx = ts.make_optimizer(config)
     abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
@@ -260,8 +260,7 @@ def initial_state(config: ml_collections.ConfigDict, workdir: str, manager, abst
   init = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)
   if teacher is not None and config.teacher.init_student:
     params = teacher.params
-    if jax.tree.structure(params) != jax.tree.structure(abstract_state.params) or any(
-        a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_state.params))):
+    if not ts.fits_student(params, abstract_state.params):
       raise ValueError(f'The teacher parameters in {config.teacher.workdir} do not fit config.model; give the '
                        'student the same model config as the teacher, or set teacher.init_student = False.')
     logging.info('No checkpoint in %s: starting from step 0 with the teacher\'s weights.', where)

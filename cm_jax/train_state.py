@@ -61,6 +61,18 @@ def has_target_ema(config: ml_collections.ConfigDict) -> bool:
   return config.loss.name in ('ct', 'cd') and config.loss.target == 'ema'
 
 
+STUDENT_ONLY_MODULES = ('adaptive_weight',)  # Parameters a student may have beyond its EDM teacher's.
+
+
+def fits_student(teacher_params, student_params) -> bool:
+  """Whether a teacher's parameter tree is the student's, but for the student's own heads (STUDENT_ONLY_MODULES):
+  the same modules, leaf structure and shapes."""
+  student = {k: v for k, v in student_params.items() if k not in STUDENT_ONLY_MODULES or k in teacher_params}
+  if jax.tree.structure(teacher_params) != jax.tree.structure(student):
+    return False
+  return all(a.shape == b.shape for a, b in zip(jax.tree.leaves(teacher_params), jax.tree.leaves(student)))
+
+
 def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                init_params: Optional[Any] = None) -> TrainState:
   """A fresh train state; run under jax.jit or jax.eval_shape.
@@ -71,11 +83,11 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   model = models.create_model(config.model)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   h, w, c = catalog.image_shape(config.data)
-  if init_params is None:
-    labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
-    params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False)['params']
-  else:
-    params = init_params
+  labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
+  params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False)['params']
+  if init_params is not None:
+    # The teacher's weights; a head only the student has (the adaptive weight of sCM) keeps its initialisation.
+    params = {**params, **init_params}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       rng=train_rng,

@@ -1,5 +1,5 @@
-"""Shared pieces of the experiment configs: recipe helpers (apply_ict, apply_ct2023, apply_edm, apply_cd, apply_ect),
-the ADM network layout (apply_adm_unet), and configs as data (flatten_dict, config_from_json_dict).
+"""Shared pieces of the experiment configs: recipe helpers (apply_ict, apply_ct2023, apply_edm, apply_cd, apply_ect,
+apply_scm), the ADM network layout (apply_adm_unet), and configs as data (flatten_dict, config_from_json_dict).
 
 A recipe helper sets, on a config of configs/default.py or one derived from it, the fields that a published
 training recipe fixes whatever the dataset: the loss and what goes with it (the optimizer family; the teacher
@@ -164,6 +164,41 @@ def apply_ect(config: ml_collections.ConfigDict, *, stage_steps: int) -> ml_coll
   loss.weighting = 'inverse_delta'
   config.teacher.init_student = True
   config.optim.name = 'radam'
+  return config
+
+
+def apply_scm(config: ml_collections.ConfigDict, *, tangent_warmup_steps: int) -> ml_collections.ConfigDict:
+  """Continuous-time consistency models (sCM, Lu & Song 2024): sCT, or sCD when loss.name is already 'scd'.
+
+  Keeps loss.name 'scd' (distillation from the EDM teacher in config.teacher.workdir, left to the command line)
+  and otherwise sets 'sct' (training from data; a teacher.workdir, if given, supplies only the first weights),
+  and from the sCM paper (Algorithm 1 and its CIFAR-10 settings, appendix G.2):
+    loss.p_mean = -1.0, loss.p_std = 1.4: ln sigma ~ N(-1.0, 1.4^2), t = arctan(sigma / sigma_data);
+    loss.tangent_warmup_steps = tangent_warmup_steps (sCM: 10k), loss.tangent_c = 0.1: the tangent's
+      warm-up and normalisation;
+    loss.target = 'stopgrad': the target is the online network (no target EMA);
+    model.adaptive_weight = True: the learned adaptive weight e^-phi(t) ||.||^2 / D + phi(t);
+    optim.name = 'radam', optim.b1 = 0.9, optim.b2 = 0.99, optim.eps = 1e-8 (learning rate and warm-up are
+      the config's);
+    teacher.init_student = True: sCM starts both sCT and sCD from the teacher's EMA weights;
+    for 'scd', model.dropout = 0.0 (sCM disables dropout for sCD; sCT keeps the config's).
+  Returns config (changed in place).
+  """
+  loss = config.loss
+  loss.name = 'scd' if loss.name == 'scd' else 'sct'
+  loss.p_mean = -1.0
+  loss.p_std = 1.4
+  loss.tangent_warmup_steps = tangent_warmup_steps
+  loss.tangent_c = 0.1
+  loss.target = 'stopgrad'
+  config.model.adaptive_weight = True
+  config.optim.name = 'radam'
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.99
+  config.optim.eps = 1e-8
+  config.teacher.init_student = True
+  if loss.name == 'scd':
+    config.model.dropout = 0.0
   return config
 
 

@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 0           # Number of classes when class_conditional (CIFAR-10 10, ImageNet 1000).
   model.patch_size = 1            # > 1: the network runs on p x p patches (space-to-depth in, depth-to-space
                                   # out), so its first level is at H/p: p^2 times fewer positions per layer.
+  # sCM's learned adaptive loss weight (loss 'sct' / 'scd'): a small float32 head phi(c_noise) (a linear map of
+  # 128 Fourier features of the noise level), trained, saved and restored with the network and ignored by
+  # sampling. The loss is then e^-phi(t) ||.||^2 / D + phi(t); False: weight 1 (phi = 0).
+  model.adaptive_weight = False
 
   # ---------------------------------------------------------------------------------------------
   # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
@@ -88,7 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   loss = config.loss = ml_collections.ConfigDict()
   # 'ct': consistency training from data. 'edm': EDM diffusion loss (trains a teacher; sampled with Heun/Euler).
   # 'cd': consistency distillation from the EDM teacher in teacher.workdir. 'ect': easy consistency tuning,
-  # fine-tuning the teacher's weights into a consistency model (Geng et al. 2024).
+  # fine-tuning the teacher's weights into a consistency model (Geng et al. 2024). 'sct' / 'scd': continuous-time
+  # consistency training from data / distillation from the EDM teacher (sCM, Lu & Song 2024; TrigFlow time on
+  # cm_jax's EDM preconditioning without the sigma_min shift, see cm_jax/core/scm.py).
   loss.name = 'ct'
   # N(k), for 'ct' and 'cd': 'exponential' (iCT curriculum) | 'adaptive' (CM appendix C) | 'fixed' (num_points).
   loss.schedule = 'exponential'
@@ -98,8 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   loss.total_steps = ml_collections.config_dict.placeholder(int)  # K of N(k), mu(k); None: training.num_steps
                                   # of the run's first start (pinned, recorded in its checkpoints; see below).
   loss.index_distribution = 'lognormal'  # 'lognormal' (iCT, discretised) | 'uniform' (CM).
-  loss.p_mean = -1.1              # Lognormal mean of ln sigma: iCT index distribution and ECT's t.
-  loss.p_std = 2.0                # Lognormal std of ln sigma (iCT and ECT).
+  loss.p_mean = -1.1              # Lognormal mean of ln sigma: iCT index distribution, ECT's t, sCM's sigma
+                                  # (sCM: -1.0, with t = arctan(sigma / sigma_data)).
+  loss.p_std = 2.0                # Lognormal std of ln sigma (iCT and ECT 2.0; sCM 1.4).
   # Per-sample distance: 'pseudo_huber' (iCT, over the whole sample) | 'l2' | 'l1' (means over pixels) |
   # 'l2_norm' (||.||_2 of the whole sample; ECT, = pseudo-Huber with c = 0).
   loss.distance = 'pseudo_huber'
@@ -118,12 +125,18 @@ def get_config() -> ml_collections.ConfigDict:
   loss.ect_k = 8.0
   loss.ect_b = 1.0
   loss.ect_stage_steps = 2000     # 'ect': training steps per stage (the stage doubling interval).
+  # 'sct' / 'scd': the tangent g = cos t df/dt of the target enters with its time-derivative part scaled by
+  # min(1, k / tangent_warmup_steps) (tangent warm-up; 0: none), and is normalised to g / (rms(g) + tangent_c),
+  # rms(g) = ||g||_2 / sqrt(D) (sCM: warm-up 10k steps, c = 0.1).
+  loss.tangent_warmup_steps = 10_000
+  loss.tangent_c = 0.1
 
   # ---------------------------------------------------------------------------------------------
   # teacher: the EDM run that 'cd' distils and 'ect' starts from (a cm_jax workdir trained with loss.name='edm').
   # ---------------------------------------------------------------------------------------------
   teacher = config.teacher = ml_collections.ConfigDict()
-  teacher.workdir = ml_collections.config_dict.placeholder(str)  # Required for 'cd' and 'ect'; read only.
+  teacher.workdir = ml_collections.config_dict.placeholder(str)  # Required for 'cd', 'ect' and 'scd'; optional
+                                  # for 'sct' (its first weights only, as sCM's runs); read only.
   teacher.step = ml_collections.config_dict.placeholder(int)     # Checkpoint step; None: the latest.
   teacher.ema = ml_collections.config_dict.placeholder(float)    # Teacher EMA rate; None: its first sampling EMA.
   teacher.solver = 'heun'         # 'cd': ODE step of the teacher between grid points, 'heun' (CM) | 'euler'.

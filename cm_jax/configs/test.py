@@ -4,8 +4,8 @@ Works for any data.name, e.g. `--config.data.name=mnist`, `--config.data.name=ci
 `--config.data.name=image_folder --config.data.manual_dir=DIR --config.data.image_size=16` (add
 `--config.model.class_conditional=True --config.model.num_classes=K` for a class-conditional model, and
 `--config.training.precision=bfloat16` for mixed precision). Not meant to produce good samples.
-`--config=configs/test.py:edm` trains a tiny EDM teacher; `:cd` and `:ect` distil or tune it
-(with --config.teacher.workdir=TEACHER_DIR).
+`--config=configs/test.py:edm` trains a tiny EDM teacher; `:cd`, `:ect` and `:scd` distil or tune it
+(with --config.teacher.workdir=TEACHER_DIR); `:sct` is continuous-time consistency training.
 """
 
 from cm_jax.configs import common
@@ -19,6 +19,8 @@ def get_config(loss_name: str = 'ct'):
     common.apply_cd(config, num_points=6)  # CM's CD on a 6-point grid (its dropout 0 is overridden below).
   if loss_name == 'ect':
     common.apply_ect(config, stage_steps=2)
+  if loss_name in ('sct', 'scd'):
+    common.apply_scm(config, tangent_warmup_steps=2)
   config.sampling.diffusion_steps = 4
   config.model.ch = 8
   config.model.ch_mult = (1, 2)

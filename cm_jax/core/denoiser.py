@@ -46,10 +46,21 @@ def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
   return config.loss.name == 'edm'
 
 
+# Consistency models trained in continuous TrigFlow time (sCM) have their boundary at sigma = 0, unshifted.
+UNSHIFTED_LOSSES = ('sct', 'scd')
+
+
+def boundary(config: ml_collections.ConfigDict) -> float:
+  """eps of the run's consistency function at sampling and editing, f(x, eps) = x: consistency.sigma_min for
+  CT, CD and ECT (ECT trains unshifted and shifts at sampling, as its code); 0 for sCM runs ('sct', 'scd',
+  trained and sampled unshifted) and EDM denoisers."""
+  if is_diffusion_model(config) or config.loss.name in UNSHIFTED_LOSSES:
+    return 0.0
+  return float(config.consistency.sigma_min)
+
+
 def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
-  """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted), or for an
-  EDM teacher the denoiser D (eps = 0)."""
-  cc = config.consistency
-  sigma_min = 0.0 if is_diffusion_model(config) else cc.sigma_min
+  """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted, or unshifted
+  for sCM), or for an EDM teacher the denoiser D (eps = 0)."""
   network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
-  return Denoiser(network, sigma_data=cc.sigma_data, sigma_min=sigma_min)
+  return Denoiser(network, sigma_data=config.consistency.sigma_data, sigma_min=boundary(config))

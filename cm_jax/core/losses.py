@@ -4,9 +4,10 @@
 - 'edm': the EDM diffusion loss that trains a teacher (a denoiser with eps = 0).
 - 'cd':  consistency distillation from an EDM teacher (one teacher ODE step per pair of grid points).
 - 'ect': easy consistency tuning (Geng et al. 2024): continuous (t, r) pairs, the gap shrinking by stages.
+- 'sct' / 'scd': continuous-time consistency training / distillation (sCM, Lu & Song 2024; cm_jax/core/scm.py).
 
 `make_loss` resolves every string of the config into functions, once; nothing inside a traced loss
-dispatches on strings. teacher_params is None for every loss but 'cd'; labels (int (B,)) are the class labels
+dispatches on strings. teacher_params is None for every loss but 'cd' and 'scd'; labels (int (B,)) are the class labels
 of a class-conditional model, passed to every network call (student, target and teacher), else None.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from cm_jax.core import karras
 from cm_jax.core import sampling
+from cm_jax.core import scm
 from cm_jax.core.denoiser import Denoiser
 
 
@@ -204,6 +206,8 @@ def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teac
 
   The target is the online network under stop_gradient (no target EMA), with the same z and dropout mask;
   where r = 0 the target is the clean image. Start from an EDM teacher's weights (teacher.init_student).
+  `denoiser` has EDM's unshifted preconditioning (sigma_min = 0) as ECT's code trains (locuslab/ect
+  ECMPrecond): f(x, 0) = x is then the boundary the r = 0 targets assume; the eps shift applies at sampling.
   """
   del target_params, teacher_params
   s = settings
@@ -250,7 +254,8 @@ class Loss:
 
 def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], denoiser: Denoiser,
               teacher: Optional[Denoiser] = None) -> Loss:
-  """The objective config.loss.name describes, bound to `denoiser` (and the teacher's denoiser for 'cd')."""
+  """The objective config.loss.name describes, bound to `denoiser` (and the teacher's denoiser for 'cd' and
+  'scd')."""
   def ct():
     settings = make_ct_settings(config, image_shape)
     return Loss(functools.partial(consistency_training_loss, denoiser=denoiser, settings=settings),
@@ -270,7 +275,20 @@ def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, in
                                   sigma_data=config.consistency.sigma_data), None)
 
   def ect():
-    return Loss(functools.partial(easy_consistency_tuning_loss, denoiser=denoiser,
+    # ECT trains with the unshifted preconditioning and shifts by eps only at sampling (locuslab/ect).
+    unshifted = dataclasses.replace(denoiser, sigma_min=0.0)
+    return Loss(functools.partial(easy_consistency_tuning_loss, denoiser=unshifted,
                                   settings=make_ect_settings(config, image_shape)), None)
 
-  return _choose({'ct': ct, 'cd': cd, 'edm': edm, 'ect': ect}, config.loss.name, 'loss.name')()
+  def scm_objective(distill: bool):
+    if distill and teacher is None:
+      raise ValueError("config.loss.name = 'scd' needs a teacher: set config.teacher.workdir.")
+    lc = config.loss
+    settings = scm.SCMSettings(sigma_data=float(config.consistency.sigma_data), p_mean=float(lc.p_mean),
+                               p_std=float(lc.p_std), warmup_steps=int(lc.tangent_warmup_steps),
+                               tangent_c=float(lc.tangent_c), adaptive_weight=bool(config.model.adaptive_weight))
+    return Loss(functools.partial(scm.scm_loss, denoiser=denoiser, settings=settings,
+                                  teacher=teacher if distill else None), None)
+
+  return _choose({'ct': ct, 'cd': cd, 'edm': edm, 'ect': ect, 'sct': lambda: scm_objective(False),
+                  'scd': lambda: scm_objective(True)}, config.loss.name, 'loss.name')()

@@ -6,7 +6,9 @@ The consistency / EDM preconditioning lives in cm_jax/core/karras.py; this modul
 Precision: parameters are always float32; every layer computes in `dtype` (float32 or bfloat16). The noise
 embedding's sin/cos features are computed in float32, GroupNorm statistics are float32 whatever `dtype` (GroupNorm
 below, like flax's, reduces and normalises in float32 and casts only the result), the attention softmax runs in
-float32, and the output is cast back to float32.
+float32, and the output is cast back to float32. The time and class embeddings, their projections in every
+residual block and the adaptive-weight head compute in float32 too (as ADM keeps its embedding MLP and linear
+layers in float32): only the convolutions, norms' outputs and attention take `dtype`.
 With head_channels = 0, scale_shift, resblock_updown and class_conditional off, the parameter tree and the
 outputs are those of the original cm_jax UNet, so older checkpoints load unchanged.
 """
@@ -134,7 +136,9 @@ class ResBlock(nn.Module):
     h = nn.silu(GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x_BHWC))
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(resample(h))
     x_BHWC = resample(x_BHWC)
-    emb_BE = nn.Dense(2 * self.out_ch if self.scale_shift else self.out_ch, dtype=self.dtype)(nn.silu(temb_BD))
+    # The embedding's projection computes in float32 (as ADM's linear layers) and only its result takes `dtype`.
+    emb_BE = nn.Dense(2 * self.out_ch if self.scale_shift else self.out_ch, dtype=jnp.float32)(
+        nn.silu(temb_BD.astype(jnp.float32))).astype(self.dtype)
     h_norm = GroupNorm(num_groups=self.num_groups, dtype=self.dtype)
     if self.scale_shift:
       scale_BC, shift_BC = jnp.split(emb_BE[:, None, None, :], 2, axis=-1)
@@ -147,6 +151,18 @@ class ResBlock(nn.Module):
     if x_BHWC.shape[-1] != self.out_ch:
       x_BHWC = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype)(x_BHWC)
     return (x_BHWC + h) / SQRT2
+
+
+class AdaptiveWeight(nn.Module):
+  """phi(c_noise), the log-variance of sCM's adaptive loss weight e^-phi ||.||^2 / D + phi (Lu & Song 2024):
+  a linear map of its own Fourier features of c_noise (frequencies N(0, 1), as EDM2's uncertainty head), in
+  float32, zero-initialised (weight 1 at the start). A function of the noise level only: no class input."""
+  channels: int = 128
+
+  @nn.compact
+  def __call__(self, c_noise_B: jax.Array) -> jax.Array:
+    features_BD = FourierEmbedding(self.channels, scale=1.0)(c_noise_B)
+    return nn.Dense(1, kernel_init=nn.initializers.zeros, dtype=jnp.float32)(features_BD)[:, 0]
 
 
 class AttnBlock(nn.Module):
@@ -181,6 +197,7 @@ class UNet(nn.Module):
   class_conditional: bool = False
   num_classes: int = 0
   patch_size: int = 1
+  adaptive_weight: bool = False
   dtype: Dtype = jnp.float32
 
   def _check(self, x_BHWC: jax.Array, labels_B: Optional[jax.Array]) -> None:
@@ -208,17 +225,26 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array, c_noise_B: jax.Array, labels_B: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, return_adaptive_weight: bool = False):
+    """F (float32, the shape of x_BHWC); with return_adaptive_weight, (F, phi_B) where phi_B (B,) float32 is
+    the adaptive-weight head of c_noise alone (model.adaptive_weight)."""
     self._check(x_BHWC, labels_B)
     embedders = {
         'fourier': lambda: FourierEmbedding(self.ch, self.fourier_scale),
         'positional': lambda: PositionalEmbedding(self.ch, self.positional_scale),
     }
+    # The time and class embeddings compute in float32 whatever `dtype` (as ADM's time_embed): in bfloat16
+    # (8 significant bits) neighbouring noise levels of a fine grid would round to one embedding.
     temb_BE = embedders[self.embedding]()(c_noise_B)
-    temb_BE = nn.Dense(4 * self.ch, dtype=self.dtype)(temb_BE)
-    temb_BE = nn.Dense(4 * self.ch, dtype=self.dtype)(nn.silu(temb_BE))
+    temb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32)(temb_BE)
+    temb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32)(nn.silu(temb_BE))
     if self.class_conditional:
-      temb_BE = temb_BE + nn.Embed(self.num_classes, 4 * self.ch, dtype=self.dtype, name='class_embed')(labels_B)
+      temb_BE = temb_BE + nn.Embed(self.num_classes, 4 * self.ch, dtype=jnp.float32, name='class_embed')(labels_B)
+    # sCM's adaptive loss weight phi(t) (config.model.adaptive_weight): created whenever the option is on, so
+    # that its parameters exist from initialisation; returned only when asked.
+    phi_B = AdaptiveWeight(name='adaptive_weight')(c_noise_B) if self.adaptive_weight else None
+    if return_adaptive_weight and phi_B is None:
+      raise ValueError('return_adaptive_weight=True needs a network built with config.model.adaptive_weight = True.')
 
     def res(h, ch, resample='none'):
       return ResBlock(ch, self.num_groups, self.dropout, self.scale_shift, resample, self.dtype)(h, temb_BE, train)
@@ -260,4 +286,5 @@ class UNet(nn.Module):
 
     h = nn.silu(GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
     out = nn.Conv(x_BHWC.shape[-1] * p * p, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
-    return depth_to_space(out, p).astype(jnp.float32)
+    out = depth_to_space(out, p).astype(jnp.float32)
+    return (out, phi_B) if return_adaptive_weight else out
