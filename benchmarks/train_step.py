@@ -273,7 +273,7 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
       teacher_config.loss.name = 'edm'
     teacher = denoiser_lib.make_denoiser(teacher_config)
     teacher_params = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.0, p), out_shardings=replicated)(state.params)
-  objective = losses.make_loss(config, image_shape, denoiser_lib.make_denoiser(config), teacher)
+  objective = losses.make_loss(config, image_shape, denoiser_lib.make_denoiser(config, training=True), teacher)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, target_decay=objective.target_decay,
                                       tx=tx, settings=UpdateSettings.of(config)),
                     in_shardings=(state_sharding, batch_sharding, replicated),

@@ -103,7 +103,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
                         dict(train_data.fingerprint, teacher=teacher_record))
     denoiser = denoiser_lib.make_denoiser(config)
     distilling = config.loss.name in ('cd', 'scd')
-    objective = losses.make_loss(config, image_shape, denoiser, teacher=teacher.denoiser if distilling else None)
+    objective = losses.make_loss(config, image_shape, denoiser_lib.make_denoiser(config, training=True),
+                                 teacher=teacher.denoiser if distilling else None)
     tx = ts.make_optimizer(config)
     abstract_state = jax.eval_shape(functools.partial(ts.init_state, config, tx))
     # Replicated (data parallel), or FSDP: parameters, EMAs and optimizer state split over the devices.

@@ -28,7 +28,7 @@ def load(path, *args):
                          ids=os.path.basename)
 def test_every_config_file_validates(path):
   config = load(path)
-  if config.loss.name in ('cd', 'ect'):
+  if config.loss.name in ('cd', 'ect', 'scd'):
     # Distillation and tuning configs need the teacher's workdir, which only the user knows.
     with pytest.raises(ValueError, match=r'config\.teacher\.workdir'):
       config_validation.validate(config)
@@ -84,7 +84,7 @@ def test_ect_must_start_from_the_teacher():
     ('sampling.two_step_t', 100.0, 'sampling.two_step_t'),
     ('data.source', 'internet', 'data.source'),
     ('optim.decay', 'linear', 'optim.decay'),
-    ('loss.name', 'sct', 'loss.name'),
+    ('loss.name', 'sct2', 'loss.name'),
     ('loss.schedule', 'cosine', 'loss.schedule'),
     ('teacher.solver', 'rk4', 'teacher.solver'),
     ('sampling.diffusion_solver', 'dpm', 'sampling.diffusion_solver'),

@@ -16,7 +16,7 @@ from cm_jax.configs import default
 
 CONFIG_MODULES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != 'common')
 # File-name suffix -> loss.name; the longest suffix that matches wins ('_ct2023' before '_ct').
-LOSS_OF_SUFFIX = {'_ct2023': 'ct', '_ct': 'ct', '_cd': 'cd', '_ect': 'ect', '_edm': 'edm'}
+LOSS_OF_SUFFIX = {'_ct2023': 'ct', '_ct': 'ct', '_cd': 'cd', '_ect': 'ect', '_edm': 'edm', '_sct': 'sct', '_scd': 'scd'}
 # Every helper with arguments that a config passes it.
 HELPER_CALLS = {
     'apply_ict': dict(),
@@ -24,6 +24,7 @@ HELPER_CALLS = {
     'apply_edm': dict(diffusion_steps=40),
     'apply_cd': dict(num_points=40, target='ema', mu0=0.95),
     'apply_ect': dict(stage_steps=580),
+    'apply_scm': dict(tangent_warmup_steps=10_000),
     'apply_adm_unet': dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16, 8)),
 }
 
@@ -159,6 +160,20 @@ def test_apply_ect_tunes_the_teacher_with_ects_shrinking_gap():
   assert config.optim.name == 'radam'
 
 
+@pytest.mark.parametrize('name', ['ct', 'scd'])
+def test_apply_scm_sets_the_continuous_time_objective_and_keeps_distillation(name):
+  config = default.get_config()
+  config.loss.name, config.teacher.init_student, config.model.dropout = name, False, 0.3
+  assert common.apply_scm(config, tangent_warmup_steps=10_000) is config
+  loss = config.loss
+  assert loss.name == ('scd' if name == 'scd' else 'sct')
+  assert (loss.p_mean, loss.p_std, loss.tangent_warmup_steps, loss.tangent_c) == (-1.0, 1.4, 10_000, 0.1)
+  assert loss.target == 'stopgrad' and config.model.adaptive_weight
+  assert (config.optim.name, config.optim.b1, config.optim.b2) == ('radam', 0.9, 0.99)
+  assert config.teacher.init_student  # sCM starts sCT and sCD from the teacher's EMA weights.
+  assert config.model.dropout == (0.0 if name == 'scd' else 0.3)  # sCM: no dropout for sCD.
+
+
 def test_apply_adm_unet_sets_adms_layout_at_the_given_size():
   model = common.apply_adm_unet(default.get_config(), ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
                                 attn_resolutions=(32, 16, 8)).model
@@ -221,7 +236,7 @@ def test_every_config_module_returns_a_config_dict_whose_loss_its_file_name_name
   assert config.loss.name == expected_loss_name(module_name)
 
 
-@pytest.mark.parametrize('loss_name', ['ct', 'edm', 'cd', 'ect'])
+@pytest.mark.parametrize('loss_name', ['ct', 'edm', 'cd', 'ect', 'sct', 'scd'])
 def test_the_tiny_test_config_trains_the_loss_it_is_given(loss_name):
   from cm_jax.configs import test  # pylint: disable=g-import-not-at-top
   assert test.get_config(loss_name).loss.name == loss_name
@@ -242,3 +257,7 @@ def test_recipe_configs_end_on_their_recipe_with_their_own_overrides_after_it():
       'adam'}
   assert {config_of(n).optim.name for n in ('cifar10_cd', 'cifar10_ect', 'imagenet64_ct', 'imagenette_cd')} == {
       'radam'}
+  # sCM: sCT keeps dropout 0.2 on CIFAR-10 and sCD has none; ImageNet 64x64 keeps EDM2's Adam and P_std 1.6.
+  assert (config_of('cifar10_sct').model.dropout, config_of('cifar10_scd').model.dropout) == (0.2, 0.0)
+  assert (config_of('cifar10_sct').optim.name, config_of('cifar10_sct').optim.b2) == ('radam', 0.99)
+  assert (config_of('imagenet64_scd').optim.name, config_of('imagenet64_scd').loss.p_std) == ('adam', 1.6)

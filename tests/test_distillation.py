@@ -1,4 +1,4 @@
-"""End-to-end: a tiny EDM teacher on mock TFDS data, sampled with Heun/Euler, then CD and ECT from it."""
+"""End-to-end: a tiny EDM teacher on mock TFDS data, sampled with Heun/Euler, then CD, ECT, sCD and sCT from it."""
 
 import json
 import os
@@ -136,6 +136,47 @@ def test_ect_from_the_teacher_trains_and_resumes_without_it(teacher_dir, tmp_pat
   longer = config.copy_and_resolve_references()
   longer.training.num_steps = 6
   assert int(run(longer, workdir).step) == 6
+
+
+def test_scd_distils_the_teacher_resumes_bit_identically_samples_and_edits(teacher_dir, tmp_path, preempt_at):
+  """sCD end to end: starts from the teacher's weights plus a fresh adaptive-weight head, which trains and is
+  saved and restored with the rest (a preempted run resumes to the same state); the run samples in one and two
+  steps (unshifted) and inpaints."""
+  straight_dir = tmp_path / 'scd'
+  straight = run(tiny('scd', teacher_dir), straight_dir)
+  teacher = inference.load(teacher_dir)
+  assert int(straight.step) == 4 and 'adaptive_weight' not in teacher.params
+  head = straight.params['adaptive_weight']
+  assert float(np.max(np.abs(head['Dense_0']['kernel']))) > 0  # Zero-initialised, then trained.
+  rest = {k: v for k, v in straight.params.items() if k != 'adaptive_weight'}
+  assert max_abs_diff(rest, teacher.params) < 0.02  # Four small steps from the teacher's weights.
+  preempt_at(2)
+  with pytest.raises(KeyboardInterrupt):
+    run(tiny('scd', teacher_dir), tmp_path / 'resumed')
+  resumed = run(tiny('scd', teacher_dir), tmp_path / 'resumed')
+  assert tree_equal(straight.params, resumed.params) and tree_equal(straight.opt_state, resumed.opt_state)
+  model = inference.load(str(straight_dir))
+  assert model.denoiser.sigma_min == 0.0 and not model.is_diffusion_model
+  assert tree_equal(model.params['adaptive_weight'], straight.ema_params[0]['adaptive_weight'])
+  for steps in (1, 2):
+    x = model.sample(3, steps=steps)
+    assert x.shape == (3, 28, 28, 1) and np.all(np.isfinite(x))
+  from cm_jax import edit  # pylint: disable=g-import-not-at-top
+  images = (np.arange(2 * 28 * 28).reshape(2, 28, 28, 1) % 255).astype(np.uint8)
+  out = edit.run_task(model, 'inpaint', images, num=2, batch_size=2)
+  assert out['result'].shape == (2, 28, 28, 1)
+
+
+def test_sct_trains_from_random_weights_or_from_the_teacher(teacher_dir, tmp_path):
+  scratch = run(tiny('sct'), tmp_path / 'scratch')
+  assert int(scratch.step) == 4 and scratch.target_params is None
+  teacher = inference.load(teacher_dir)
+  rest = {k: v for k, v in scratch.params.items() if k != 'adaptive_weight'}
+  assert max_abs_diff(rest, teacher.params) > 0.1
+  warm = run(tiny('sct', teacher_dir), tmp_path / 'warm')  # sCM's recipe: the teacher's first weights.
+  rest = {k: v for k, v in warm.params.items() if k != 'adaptive_weight'}
+  assert max_abs_diff(rest, teacher.params) < 0.02
+  assert inference.load(str(tmp_path / 'warm')).sample(2, steps=2).shape == (2, 28, 28, 1)
 
 
 def test_missing_teacher_names_the_path(tmp_path):

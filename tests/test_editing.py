@@ -324,3 +324,11 @@ def test_command_line_refuses_an_edm_run_and_wrong_sizes(ct_run, tmp_path):
     edit.run_task(model, 'colorize', np.zeros((2, 28, 28, 1), np.uint8))
   with pytest.raises(ValueError, match='3 channel.*model 1'):
     edit.run_task(model, 'denoise', np.zeros((2, 28, 28, 3), np.uint8))
+
+
+def test_default_editing_times_start_where_sampling_starts():
+  from cm_jax import edit  # pylint: disable=g-import-not-at-top
+  assert edit.default_times('inpaint', 80.0, 80.0) == editing.INPAINT_TIMES
+  assert edit.default_times('inpaint', 40.0, 80.0) == (40.0,) + editing.INPAINT_TIMES[1:]
+  assert edit.default_times('superres', 40.0, 80.0)[0] == 40.0
+  assert edit.default_times('stroke', 40.0, 80.0) == editing.STROKE_TIMES  # Starts below either.

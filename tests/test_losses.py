@@ -842,3 +842,32 @@ def test_labels_reach_student_target_and_teacher(name):
   assert kinds.count('teacher') == (2 if name == 'cd' else 0)  # Heun: two teacher calls.
   for _, got in seen:
     np.testing.assert_array_equal(got, np.asarray(labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# ECT trains unshifted and samples shifted (locuslab/ect ECMPrecond)
+# --------------------------------------------------------------------------------------------------
+def test_ect_trains_with_the_unshifted_preconditioning_and_samples_with_the_shift():
+  from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from cm_jax.core import denoiser as denoiser_lib  # pylint: disable=g-import-not-at-top
+  ect = test_config.get_config('ect')
+  eps = ect.consistency.sigma_min
+  trained, sampled = denoiser_lib.make_denoiser(ect, training=True), denoiser_lib.make_denoiser(ect)
+  assert (trained.sigma_min, sampled.sigma_min) == (0.0, eps)
+  # At initialisation (the teacher's weights) the trained student is the teacher's EDM denoiser exactly, at
+  # every sigma, including below eps where the shifted form's c_out turns negative.
+  edm = test_config.get_config('edm')
+  teacher = denoiser_lib.make_denoiser(edm, training=True)
+  params = teacher.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)))['params']
+  params = jax.tree.map(lambda p: p + 0.05, params)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 28, 28, 1))
+  sigma = jnp.array([0.001, 0.01, 3.0])
+  np.testing.assert_array_equal(trained(params, x, sigma), teacher(params, x, sigma))
+  assert float(jnp.max(jnp.abs(sampled(params, x, sigma) - teacher(params, x, sigma)))) > 1e-4
+  # The loss of the trainer is bound to the unshifted form; sampling (make_denoiser) keeps f(x, eps) = x.
+  np.testing.assert_array_equal(sampled(params, x, jnp.full((3,), eps)), x)
+  # The other consistency losses train what they sample.
+  for name in ('ct', 'cd', 'sct', 'scd'):
+    config = test_config.get_config(name)
+    assert (denoiser_lib.make_denoiser(config, training=True).sigma_min
+            == denoiser_lib.make_denoiser(config).sigma_min)

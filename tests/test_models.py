@@ -17,6 +17,7 @@ import pytest
 from cm_jax import models
 from cm_jax.configs import default
 from cm_jax.configs import test as test_config
+from cm_jax.core import karras
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO_ROOT, 'tests', 'models_golden.npz')
@@ -153,10 +154,34 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_output_close_to_float
   assert inner['Conv_0']['__call__'][0].dtype == jnp.bfloat16
   assert inner['ResBlock_0']['GroupNorm_0']['__call__'][0].dtype == jnp.bfloat16
   assert inner['AttnBlock_0']['MultiHeadDotProductAttention_0']['__call__'][0].dtype == jnp.bfloat16
-  assert inner['class_embed']['__call__'][0].dtype == jnp.bfloat16
+  # The time and class embeddings and each block's projection of them stay float32 (as ADM's time_embed).
   assert inner['FourierEmbedding_0']['__call__'][0].dtype == jnp.float32
+  assert inner['Dense_0']['__call__'][0].dtype == jnp.float32
+  assert inner['Dense_1']['__call__'][0].dtype == jnp.float32
+  assert inner['class_embed']['__call__'][0].dtype == jnp.float32
+  assert inner['ResBlock_0']['Dense_0']['__call__'][0].dtype == jnp.float32
   rel_err = float(jnp.linalg.norm(out_bf16 - out_f32) / jnp.linalg.norm(out_f32))
   assert 0 < rel_err < 0.05, rel_err  # ~0.01 here: bf16 keeps 8 bits of mantissa.
+
+
+def test_bfloat16_time_embedding_tells_neighbouring_levels_of_the_finest_ict_grid_apart():
+  """At N = 1281 (iCT's last stage) neighbouring levels above sigma = 2 differ by < 1% in sigma: in bfloat16
+  (8 significant bits) their embeddings would round together; in float32 they stay as far apart as float32's."""
+  mc = tiny_model_config()
+  model_f32 = models.create_model(mc)
+  model_bf16 = models.create_model(mc, dtype=models.compute_dtype('bfloat16'))
+  params = fake_params(param_shapes(model_f32, X_B883))
+  sigma = karras.karras_grid(1281, 0.002, 80.0, 7.0)[1200:1202]  # sigma ~ 50, a 0.4% step.
+  c_noise = karras.c_noise(sigma)
+  x = jnp.zeros((2,) + X_B883.shape[1:])
+
+  def embedding(model):
+    _, state = model.apply({'params': params}, x, c_noise, capture_intermediates=True)
+    return state['intermediates']['Dense_1']['__call__'][0]
+
+  e16, e32 = embedding(model_bf16), embedding(model_f32)
+  np.testing.assert_array_equal(e16, e32)  # Same float32 computation, bit for bit.
+  assert float(jnp.max(jnp.abs(e16[0] - e16[1]))) > 0
 
 
 # ----------------------------------------------------------------------------- ADM options.

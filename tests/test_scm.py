@@ -339,3 +339,13 @@ def test_short_gaussian_training_moves_towards_the_consistency_function():
     params, opt = step(params, opt, k, jax.random.PRNGKey(100 + k))
   after = error(params)
   assert after < 0.01 * before, (before, after)
+
+
+def test_samplers_renoise_sct_runs_with_the_unshifted_boundary():
+  from cm_jax import samplers  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config('sct')
+  two = samplers.make_sampler(config, steps=2)
+  assert two.sigma_min == 0.0  # x + sqrt(t^2 - 0^2) z: TrigFlow's re-noising x_t = cos t x0 + sin t z.
+  assert samplers.make_sampler(test_config.get_config('ct'), steps=2).sigma_min == 0.002
+  edm = samplers.make_sampler(test_config.get_config('edm'))
+  assert edm.sigma_min == 0.002  # The EDM sampler's grid still ends at consistency.sigma_min.

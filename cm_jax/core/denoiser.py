@@ -59,8 +59,15 @@ def boundary(config: ml_collections.ConfigDict) -> float:
   return float(config.consistency.sigma_min)
 
 
-def make_denoiser(config: ml_collections.ConfigDict) -> Denoiser:
+# Losses that train the consistency function without the eps shift and sample it with the shift (ECT's code,
+# locuslab/ect ECMPrecond: `self.training` selects the unshifted c_skip / c_out).
+TRAINED_UNSHIFTED_LOSSES = ('ect',)
+
+
+def make_denoiser(config: ml_collections.ConfigDict, training: bool = False) -> Denoiser:
   """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted, or unshifted
-  for sCM), or for an EDM teacher the denoiser D (eps = 0)."""
+  for sCM), or for an EDM teacher the denoiser D (eps = 0). training=True gives the form the loss trains, which
+  differs only for ECT (unshifted in training, shifted at sampling)."""
   network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
-  return Denoiser(network, sigma_data=config.consistency.sigma_data, sigma_min=boundary(config))
+  sigma_min = 0.0 if training and config.loss.name in TRAINED_UNSHIFTED_LOSSES else boundary(config)
+  return Denoiser(network, sigma_data=config.consistency.sigma_data, sigma_min=sigma_min)

@@ -206,8 +206,9 @@ def easy_consistency_tuning_loss(params, target_params, x0_BHWC, step, rng, teac
 
   The target is the online network under stop_gradient (no target EMA), with the same z and dropout mask;
   where r = 0 the target is the clean image. Start from an EDM teacher's weights (teacher.init_student).
-  `denoiser` has EDM's unshifted preconditioning (sigma_min = 0) as ECT's code trains (locuslab/ect
-  ECMPrecond): f(x, 0) = x is then the boundary the r = 0 targets assume; the eps shift applies at sampling.
+  `denoiser` is make_denoiser(config, training=True): EDM's unshifted preconditioning (sigma_min = 0), as ECT's
+  code trains (locuslab/ect ECMPrecond), so f(x, 0) = x is the boundary the r = 0 targets assume; the eps shift
+  applies at sampling.
   """
   del target_params, teacher_params
   s = settings
@@ -254,8 +255,8 @@ class Loss:
 
 def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int], denoiser: Denoiser,
               teacher: Optional[Denoiser] = None) -> Loss:
-  """The objective config.loss.name describes, bound to `denoiser` (and the teacher's denoiser for 'cd' and
-  'scd')."""
+  """The objective config.loss.name describes, bound to `denoiser` (make_denoiser(config, training=True): ECT's
+  is unshifted) and the teacher's denoiser for 'cd' and 'scd'."""
   def ct():
     settings = make_ct_settings(config, image_shape)
     return Loss(functools.partial(consistency_training_loss, denoiser=denoiser, settings=settings),
@@ -275,9 +276,7 @@ def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, in
                                   sigma_data=config.consistency.sigma_data), None)
 
   def ect():
-    # ECT trains with the unshifted preconditioning and shifts by eps only at sampling (locuslab/ect).
-    unshifted = dataclasses.replace(denoiser, sigma_min=0.0)
-    return Loss(functools.partial(easy_consistency_tuning_loss, denoiser=unshifted,
+    return Loss(functools.partial(easy_consistency_tuning_loss, denoiser=denoiser,
                                   settings=make_ect_settings(config, image_shape)), None)
 
   def scm_objective(distill: bool):
