@@ -267,7 +267,7 @@ def _benchmark(config: ml_collections.ConfigDict, name: str, steps: int, warmup:
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   state = jax.jit(functools.partial(ts.init_state, config, tx), out_shardings=state_sharding)()
   teacher, teacher_params = None, None
-  if config.loss.name == 'cd':  # A random network of the student's architecture stands in for the EDM teacher.
+  if config.loss.name in ('cd', 'scd'):  # A random network of the student's architecture stands in for the teacher.
     teacher_config = config.copy_and_resolve_references()
     with teacher_config.unlocked():
       teacher_config.loss.name = 'edm'

@@ -45,11 +45,11 @@ def _require(ok: bool, field: str, message: str) -> None:
     raise errors.ConfigError(f'config.{field}: {message}')
 
 
-# Sequence fields and the type of their elements (overrides such as --config.model.ch_mult=(1,x) pass
-# ml_collections' own type checks, which look at the tuple only).
 # Losses that read an EDM teacher (config.teacher.workdir).
 TEACHER_LOSSES = ('cd', 'ect', 'scd')
 
+# Sequence fields and the type of their elements (overrides such as --config.model.ch_mult=(1,x) pass
+# ml_collections' own type checks, which look at the tuple only).
 SEQUENCES = {'model.ch_mult': int, 'model.attn_resolutions': int, 'training.ema_rates': float}
 
 

@@ -158,11 +158,11 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 def default_times(task: str, first: float, sigma_max: float) -> tuple[float, ...]:
   """The task's default times, their leading sigma_max replaced by `first`, the run's first sampling time
-  (sampling.start_t when set): editing from pure noise starts where sampling does. Stroke-guided times start
-  below either and stay as they are."""
+  (sampling.start_t when set): editing from pure noise starts where sampling does, and default times at or
+  above that start are dropped. Stroke-guided times start below either and stay as they are."""
   times = tuple(_TIMED_TASKS[task])
   if times and times[0] == sigma_max and first != sigma_max:
-    times = (first,) + times[1:]
+    times = (first,) + tuple(t for t in times[1:] if t < first)  # A low start drops the times above it.
   return times
 
 

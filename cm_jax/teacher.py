@@ -27,12 +27,13 @@ _SHARED_FIELDS = ('data.name', 'data.pad_to', 'data.image_size', 'data.tfds_conf
                   'consistency.sigma_data', 'model.class_conditional', 'model.num_classes')
 
 
-def pin(config: ml_collections.ConfigDict,
-        saved_record: Optional[dict]) -> tuple[Optional[inference.LoadedModel], Optional[dict]]:
+def pin(config: ml_collections.ConfigDict, saved_record: Optional[dict],
+        resuming: bool = False) -> tuple[Optional[inference.LoadedModel], Optional[dict]]:
   """The teacher of a 'cd', 'scd', 'ect' run (or an 'sct' run with teacher.workdir) and its fingerprint; (None,
   None) for other runs.
 
-  saved_record is the fingerprint in the run's newest checkpoint (None at a fresh start). A CD or sCD run loads
+  saved_record is the fingerprint in the run's newest checkpoint (None at a fresh start, or for an sCT run
+  started from random weights); resuming says whether the run has a checkpoint. A CD or sCD run loads
   its teacher and refuses one that differs from the record; an ECT or sCT run, which uses the teacher only for
   its first weights, resumes without loading it (teacher None) and keeps the record.
   """
@@ -40,8 +41,8 @@ def pin(config: ml_collections.ConfigDict,
     return None, None
   if config.loss.name == 'sct' and config.teacher.workdir is None:  # sCT from random weights.
     return None, None
-  if config.loss.name in INIT_ONLY_LOSSES and saved_record is not None:
-    return None, saved_record
+  if config.loss.name in INIT_ONLY_LOSSES and (saved_record is not None or resuming):
+    return None, saved_record  # Its weights come from the checkpoint; keep what (if anything) started it.
   teacher = load_teacher(config)
   record = fingerprint(teacher, config.teacher.workdir)
   if saved_record is not None:
@@ -106,7 +107,8 @@ def check_teacher(teacher_config: ml_collections.ConfigDict, config: ml_collecti
 def fingerprint(teacher: inference.LoadedModel, workdir: str) -> dict:
   """What identifies a teacher: its absolute workdir, checkpoint step, which parameters, and their sha256.
 
-  Saved with every checkpoint of a CD or ECT run, so that a resumed run is distilled from the same network.
+  Saved with every checkpoint of a CD, sCD, ECT or (teacher-started) sCT run, so that a resumed run is distilled
+  from the same network.
   """
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(jax.device_get(teacher.params)):

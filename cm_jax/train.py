@@ -97,8 +97,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
     # N(k)/mu(k) and lr-decay horizons are fixed when a run starts (and recorded in its checkpoints): raising
     # training.num_steps later extends the run on the schedule it was trained with.
     config = ts.pin_schedule_horizons(config, checkpointing.saved_config(manager))
-    # The EDM teacher of 'cd' and 'ect', pinned to the one this run's checkpoints record.
-    teacher, teacher_record = teacher_lib.pin(config, (checkpointing.saved_data(manager) or {}).get('teacher'))
+    # The EDM teacher of 'cd', 'scd', 'ect' (and a teacher-started 'sct'), pinned to the one the checkpoints record.
+    teacher, teacher_record = teacher_lib.pin(config, (checkpointing.saved_data(manager) or {}).get('teacher'),
+                                              resuming=manager.latest_step() is not None)
     data_fingerprint = (train_data.fingerprint if teacher_record is None else
                         dict(train_data.fingerprint, teacher=teacher_record))
     denoiser = denoiser_lib.make_denoiser(config)

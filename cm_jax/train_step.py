@@ -39,7 +39,7 @@ class UpdateSettings:
 def train_step(state: ts.TrainState, batch, teacher_params, *, loss_fn, target_decay, tx,
                settings: UpdateSettings):
   """One optimisation step. batch is (images uint8 (B, H, W, C), labels int32 (B,) or None for an unconditional
-  model); teacher_params is None except for 'cd'.
+  model); teacher_params is None except for 'cd' and 'scd'.
 
   Returns (new state, metrics of this step). The metrics include 'param_max_abs' of the NEW state (see
   param_max_abs), so the training loop can refuse to save a state whose weights have already exploded.

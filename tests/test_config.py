@@ -101,6 +101,9 @@ def test_ect_must_start_from_the_teacher():
     ('model.patch_size', 0, 'model.patch_size'),
     ('model.patch_size', 3, 'model.patch_size'),   # 28 does not divide by 3.
     ('model.patch_size', 4, 'model.ch_mult'),      # 28 / 4 = 7 cannot be halved for ch_mult (1, 2, 2).
+    ('loss.tangent_c', 0.0, 'loss.tangent_c'),
+    ('loss.tangent_warmup_steps', -1, 'loss.tangent_warmup_steps'),
+    ('model.adaptive_weight', True, 'model.adaptive_weight'),  # The default loss 'ct' has no adaptive weight.
 ])
 def test_validation_names_the_field(field, value, message):
   config = default.get_config()
@@ -189,3 +192,17 @@ def test_fixed_schedule_with_a_target_ema_needs_a_constant_rate():
     config_validation.validate(config)
   config.loss.mu_variant = 'constant'
   config_validation.validate(config)
+
+
+def test_sct_may_take_a_teacher_for_its_first_weights_only():
+  from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config('sct')
+  config_validation.validate(config)  # From random weights.
+  config.teacher.workdir = '/path/to/teacher'
+  config_validation.validate(config)  # From the teacher's weights.
+  config.teacher.init_student = False
+  with pytest.raises(ValueError, match=r'config\.teacher\.init_student'):
+    config_validation.validate(config)
+  scd = test_config.get_config('scd')
+  with pytest.raises(ValueError, match=r'config\.teacher\.workdir'):
+    config_validation.validate(scd)

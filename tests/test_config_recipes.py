@@ -261,3 +261,9 @@ def test_recipe_configs_end_on_their_recipe_with_their_own_overrides_after_it():
   assert (config_of('cifar10_sct').model.dropout, config_of('cifar10_scd').model.dropout) == (0.2, 0.0)
   assert (config_of('cifar10_sct').optim.name, config_of('cifar10_sct').optim.b2) == ('radam', 0.99)
   assert (config_of('imagenet64_scd').optim.name, config_of('imagenet64_scd').loss.p_std) == ('adam', 1.6)
+
+
+def test_the_mnist_configs_use_mnists_own_sigma_data():
+  """MNIST's std in [-1, 1] is 2 x 0.3081 = 0.616, not Fashion-MNIST's 0.71; teacher and students agree."""
+  assert {config_of(n).consistency.sigma_data for n in ('mnist_ct', 'mnist_edm', 'mnist_cd', 'mnist_ect')} == {0.62}
+  assert config_of('fashion_mnist_ct').consistency.sigma_data == 0.71

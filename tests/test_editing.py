@@ -332,3 +332,4 @@ def test_default_editing_times_start_where_sampling_starts():
   assert edit.default_times('inpaint', 40.0, 80.0) == (40.0,) + editing.INPAINT_TIMES[1:]
   assert edit.default_times('superres', 40.0, 80.0)[0] == 40.0
   assert edit.default_times('stroke', 40.0, 80.0) == editing.STROKE_TIMES  # Starts below either.
+  assert edit.default_times('inpaint', 10.0, 80.0) == (10.0,) + editing.INPAINT_TIMES[2:]  # 11.72 dropped.

@@ -13,8 +13,14 @@ Recipe (iCT paper): exponential curriculum s0 = 10, s1 = 1280; discretised logno
 EMA (stopgrad); sigma_data 0.5; Adam lr 1e-4 (beta 0.9 / 0.999), no decay; dropout 0.3; sampling EMA 0.99993;
 global batch 1024; 400k steps. Not stated in the paper as far as we know, so cm_jax's choices: no lr warm-up,
 random horizontal flips (as CM's CIFAR-10 code), EMA warm-up min(rate, (1 + k)/(10 + k)).
-two_step_t = 0.821 is the intermediate time of ECT's CIFAR-10 evaluation, not a value from iCT; search it
-with `evaluate --search_two_step`.
+Provenance, as far as it could be checked: the loss, curriculum, noise distribution and FIDs are in the iCT
+paper's main text; the optimizer (Adam, where CM used RAdam), learning rate, betas, dropout, EMA rate, batch and
+length are those of its appendix as first transcribed into this config, and could not be re-read against the
+appendix since (no full text was reachable); a secondary source (ECT's README) agrees on batch 1024 and 400k
+iterations. Check them against the paper before a paper-scale run.
+two_step_t = 0.821 is not from iCT: it is the default intermediate time (`--mid_t`) of ECT's CIFAR-10 code
+(locuslab/ect ct_train.py). CM's own two-step CIFAR-10 time is sigma = 0.585 (index 11 of 18, its notebook);
+neither is searched for this network: run `evaluate --search_two_step`.
 Evaluation: Inception FID of 50,000 samples against the 50,000 training images (reference_split 'train'),
 as published (iCT: 2.83 one step, 2.46 two steps). LPIPS is not used (it leaks ImageNet features into FID).
 Hardware assumed: 8x A100 80GB (or TPU v4-32) for the 1024 batch in float32; the paper does not tie its

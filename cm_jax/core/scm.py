@@ -143,8 +143,8 @@ def scm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, lab
 
   if teacher is None:
     dx_dt = conditional_velocity(x0_BHWC, z_BHWC, t_B)
-  else:  # The teacher's probability-flow velocity sd F_teacher(x_t / sd, t), without dropout.
-    dx_dt = -sd * teacher.model.apply({'params': teacher_params}, x_t / sd, c_noise_B, labels_B=labels_B,
+  else:  # The teacher's probability-flow velocity sd F_teacher(x_t / sd, t), without dropout, in float32.
+    dx_dt = -sd * float32_model(teacher.model).apply({'params': teacher_params}, x_t / sd, c_noise_B, labels_B=labels_B,
                                       train=False).astype(dtype)
     dx_dt = jax.lax.stop_gradient(dx_dt)
 
