@@ -273,7 +273,7 @@ def test_bfloat16_runs_the_jvp_tangent_and_loss_in_float32():
   config.training.precision = 'bfloat16'
   den = denoiser_lib.make_denoiser(config)
   assert den.model.dtype == jnp.bfloat16
-  assert scm.float32_model(den.model).dtype == jnp.float32
+  assert den.in_float32().model.dtype == jnp.float32
   loss_fn = losses.make_loss(config, (28, 28, 1), den).loss_fn
   _, params = _unet(dropout=0.1)
   x0 = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1), minval=-1.0, maxval=1.0)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from cm_jax import models
@@ -32,13 +33,26 @@ class Denoiser:
 
   def __call__(self, params: Any, x_BHWC: jax.Array, sigma_B: jax.Array,
                dropout_rng: Optional[jax.Array] = None, labels_B: Optional[jax.Array] = None) -> jax.Array:
-    train = dropout_rng is not None
-    rngs = {'dropout': dropout_rng} if train else {}
-
     def net(x_in_BHWC, c_noise_B):
-      return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, labels_B=labels_B, train=train, rngs=rngs)
+      return self.network(params, x_in_BHWC, c_noise_B, dropout_rng, labels_B)
 
     return karras.precondition(net, x_BHWC, sigma_B, sigma_data=self.sigma_data, sigma_min=self.sigma_min)
+
+  def network(self, params: Any, x_in_BHWC: jax.Array, c_noise_B: jax.Array,
+              dropout_rng: Optional[jax.Array] = None, labels_B: Optional[jax.Array] = None, **kwargs):
+    """The raw network F(c_in x, c_noise) without the preconditioning (training mode when dropout_rng is given;
+    kwargs go to the network, e.g. return_adaptive_weight)."""
+    train = dropout_rng is not None
+    rngs = {'dropout': dropout_rng} if train else {}
+    return self.model.apply({'params': params}, x_in_BHWC, c_noise_B, labels_B=labels_B, train=train, rngs=rngs,
+                            **kwargs)
+
+  def in_float32(self) -> 'Denoiser':
+    """The same denoiser computing in float32 (same parameters), for a network with a `dtype` field; itself
+    otherwise. sCT/sCD run their jvp and the teacher on it under training.precision = 'bfloat16'."""
+    if getattr(self.model, 'dtype', None) not in (None, jnp.float32):
+      return dataclasses.replace(self, model=self.model.clone(dtype=jnp.float32))
+    return self
 
 
 def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:

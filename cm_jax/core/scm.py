@@ -39,6 +39,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cm_jax.core import karras
 from cm_jax.core.denoiser import Denoiser
 
 
@@ -113,14 +114,6 @@ def tangent_warmup(step, warmup_steps: int):
   return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
 
 
-def float32_model(model):
-  """The network computing in float32 (same parameters): the JVP runs in float32 under training.precision
-  = 'bfloat16' (a Linen module with a `dtype` field; others are returned as they are)."""
-  if getattr(model, 'dtype', None) not in (None, jnp.float32):
-    return model.clone(dtype=jnp.float32)
-  return model
-
-
 def scm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, labels_B=None, *,
              denoiser: Denoiser, settings: SCMSettings, teacher: Optional[Denoiser] = None):
   """sCT (teacher None) or sCD loss, mean over the batch; returns (loss, metrics).
@@ -141,31 +134,24 @@ def scm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, lab
   z_BHWC = sd * jax.random.normal(rng_noise, x0_BHWC.shape, dtype)
   x_t = _bcast(jnp.cos(t_B), x0_BHWC) * x0_BHWC + _bcast(jnp.sin(t_B), x0_BHWC) * z_BHWC
 
+  x_in = x_t / sd
   if teacher is None:
     dx_dt = conditional_velocity(x0_BHWC, z_BHWC, t_B)
   else:  # The teacher's probability-flow velocity sd F_teacher(x_t / sd, t), without dropout, in float32.
-    dx_dt = -sd * float32_model(teacher.model).apply({'params': teacher_params}, x_t / sd, c_noise_B, labels_B=labels_B,
-                                      train=False).astype(dtype)
+    dx_dt = -sd * teacher.in_float32().network(teacher_params, x_in, c_noise_B, labels_B=labels_B).astype(dtype)
     dx_dt = jax.lax.stop_gradient(dx_dt)
 
-  rngs = {'dropout': rng_dropout}
-  x_in = x_t / sd
-  if s.adaptive_weight:
-    out, phi_B = denoiser.model.apply({'params': params}, x_in, c_noise_B, labels_B=labels_B, train=True,
-                                      rngs=rngs, return_adaptive_weight=True)
-  else:
-    out, phi_B = denoiser.model.apply({'params': params}, x_in, c_noise_B, labels_B=labels_B, train=True,
-                                      rngs=rngs), jnp.zeros((batch,), dtype)
+  out = denoiser.network(params, x_in, c_noise_B, rng_dropout, labels_B, return_adaptive_weight=s.adaptive_weight)
+  out, phi_B = out if s.adaptive_weight else (out, jnp.zeros((batch,), dtype))
   F_theta = -out.astype(dtype)
 
   # cos t sin t dF^-/dt in one jvp: F^- is a function of (x_t / sd, c_noise); along the trajectory
   # d(x_t / sd)/dt = dx_dt / sd and d c_noise / dt = 1 / (4 sin t cos t), so the tangents times cos t sin t
-  # are (cos t sin t dx_dt / sd, 1/4): no tan or log in the tangent at any t.
-  jvp_model = float32_model(denoiser.model)
-  frozen = jax.lax.stop_gradient(params)
+  # are (cos t sin t dx_dt / sd, 1/4): no tan or log in the tangent at any t. Same dropout key: same mask.
+  target, frozen = denoiser.in_float32(), jax.lax.stop_gradient(params)
 
   def F_minus_fn(x_in_, c_noise_):
-    return -jvp_model.apply({'params': frozen}, x_in_, c_noise_, labels_B=labels_B, train=True, rngs=rngs)
+    return -target.network(frozen, x_in_, c_noise_, rng_dropout, labels_B)
 
   cos_sin_B = jnp.cos(t_B) * jnp.sin(t_B)
   F_minus, cos_sin_dF_dt = jax.jvp(F_minus_fn, (x_in, c_noise_B),
@@ -175,7 +161,7 @@ def scm_loss(params, target_params, x0_BHWC, step, rng, teacher_params=None, lab
   g_raw = jax.lax.stop_gradient(tangent(F_minus, cos_sin_dF_dt, x_t, dx_dt, t_B, sd, warmup))
   g = normalize_tangent(g_raw, s.tangent_c)
 
-  residual_B = jnp.mean(jnp.square(F_theta - jax.lax.stop_gradient(F_theta) - g), axis=(1, 2, 3))
+  residual_B = karras.l2_distance(F_theta - jax.lax.stop_gradient(F_theta), g)
   phi_B = phi_B.astype(dtype)
   loss_B = jnp.exp(-phi_B) * residual_B + phi_B
   loss = jnp.mean(loss_B)
