@@ -53,6 +53,36 @@ TEACHER_LOSSES = ('cd', 'ect', 'scd')
 SEQUENCES = {'model.ch_mult': int, 'model.attn_resolutions': int, 'training.ema_rates': float}
 
 
+# Fastest angular frequency of the time embedding per unit of c_noise = ln(sigma) / 4 above which sCT / sCD get a
+# warning: sCM (Lu & Song 2024, Sec. 4.1, Fig. 4) found continuous-time training unstable with Fourier scale 16
+# and uses low-frequency (positional, ~0.02 Fourier) embeddings; the jvp differentiates the embedding in c_noise.
+SCM_MAX_EMBEDDING_FREQUENCY = 2 * 3.141592653589793
+
+
+def embedding_frequency(model: ml_collections.ConfigDict) -> float:
+  """Nominal fastest angular frequency of the time embedding in c_noise: 2 pi fourier_scale (one standard
+  deviation of the random frequencies) or positional_scale (the positional embedding's top frequency is 1)."""
+  if model.embedding == 'fourier':
+    return 2 * 3.141592653589793 * model.fourier_scale
+  return float(model.positional_scale)
+
+
+def advisories(config: ml_collections.ConfigDict) -> list[str]:
+  """Settings that are valid but known to work badly: one line each, with the field and the fix (logged as
+  warnings by the trainer; nothing is changed)."""
+  notes = []
+  if config.loss.name in ('sct', 'scd'):
+    frequency = embedding_frequency(config.model)
+    if frequency > SCM_MAX_EMBEDDING_FREQUENCY:
+      field = 'fourier_scale' if config.model.embedding == 'fourier' else 'positional_scale'
+      notes.append(
+          f'config.model.{field} = {config.model[field]} gives the time embedding frequencies up to ~{frequency:.3g} '
+          f"per unit of ln(sigma) / 4; loss.name = {config.loss.name!r} differentiates the network in time, and "
+          'sCM found such high-frequency embeddings unstable: use model.embedding = fourier with fourier_scale '
+          '0.02 (the default), or a positional_scale of at most ~6.')
+  return notes
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (errors.ConfigError) naming the first bad field."""
   for field, kind in SEQUENCES.items():

@@ -253,8 +253,9 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     degraded = x_clean
     edit_fn = lambda fn, x, keys: editing.stroke_guided(fn, x, keys, times, **bounds, clip=clip)
   else:  # denoise
-    if not cc.sigma_min <= sigma <= cc.sigma_max:
-      raise ValueError(f'--sigma={sigma} is outside [{cc.sigma_min}, {cc.sigma_max}] (sigma_min, sigma_max).')
+    if not bounds['sigma_min'] <= sigma <= cc.sigma_max:
+      raise ValueError(f"--sigma={sigma} is outside [{bounds['sigma_min']}, {cc.sigma_max}] (the run's boundary "
+                       'time and sigma_max).')
     noise = device_map.map_batches(lambda start, x: jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(
         sampling.example_keys(degrade_seed, start, len(x))), [x_clean], num, batch_size)
     degraded = x_clean + np.float32(sigma) * noise

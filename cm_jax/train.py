@@ -50,6 +50,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
   that step's state (in the main thread; elsewhere signals keep their usual effect).
   """
   config_validation.validate(config)
+  for note in config_validation.advisories(config):
+    logging.warning('%s', note)
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', previous or config.training.disable_most_optimizations)
   try:

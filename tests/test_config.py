@@ -194,6 +194,30 @@ def test_fixed_schedule_with_a_target_ema_needs_a_constant_rate():
   config_validation.validate(config)
 
 
+@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if not p.endswith(('__init__.py', 'common.py'))],
+                         ids=os.path.basename)
+def test_no_shipped_config_draws_an_advisory(path):
+  assert config_validation.advisories(load(path)) == []
+
+
+def test_sct_with_a_high_frequency_time_embedding_gets_one_advisory():
+  from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config('sct')
+  assert config.model.embedding == 'fourier' and config.model.fourier_scale == 0.02
+  assert config_validation.advisories(config) == []
+  config.model.fourier_scale = 16.0  # CM's official CIFAR-10 value; sCM's Fig. 4 shows it unstable.
+  (note,) = config_validation.advisories(config)
+  assert 'config.model.fourier_scale = 16.0' in note and 'fourier_scale 0.02' in note
+  config.model.embedding = 'positional'  # positional_scale 1000: the PyTorch CM code's.
+  (note,) = config_validation.advisories(config)
+  assert 'config.model.positional_scale = 1000.0' in note
+  config.model.positional_scale = 1.0
+  assert config_validation.advisories(config) == []
+  config.loss.name = 'ct'  # Discrete-time losses do not differentiate the network in time.
+  config.model.embedding, config.model.fourier_scale = 'fourier', 16.0
+  assert config_validation.advisories(config) == []
+
+
 def test_sct_may_take_a_teacher_for_its_first_weights_only():
   from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config('sct')

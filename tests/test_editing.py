@@ -21,6 +21,7 @@ from cm_jax import models
 from cm_jax import train
 from cm_jax.configs import test as test_config
 from cm_jax.core import editing
+from cm_jax.core import karras
 from cm_jax.core import sampling
 from cm_jax.core.denoiser import Denoiser
 
@@ -230,6 +231,20 @@ def test_interpolate_and_denoise_are_one_call_of_f(gray_fn):
   for sigma in (0.001, 81.0):
     with pytest.raises(ValueError, match='sigma'):
       editing.denoise(gray_fn, noisy, sigma, **BOUNDS)
+
+
+def test_denoise_at_the_boundary_returns_the_input_also_with_the_boundary_at_zero():
+  """f(x, sigma_min) = x exactly. With sCM's boundary at 0 the network's noise input ln(0) / 4 is -inf and the
+  preconditioned call is NaN (c_out = 0 times an infinite output); denoise answers with the boundary condition."""
+  net = lambda x_in, c_noise: jnp.tanh(x_in) * c_noise[:, None, None, None]
+  scm_fn = lambda x, sigma: karras.precondition(net, x, sigma, sigma_data=0.5, sigma_min=0.0)
+  noisy = images(15, (2, 8, 8, 1)) * 2
+  assert np.isnan(np.asarray(scm_fn(noisy, jnp.zeros((2,))))).any()  # What a network call at sigma = 0 gives.
+  np.testing.assert_array_equal(np.asarray(editing.denoise(scm_fn, noisy, 0.0, sigma_min=0.0, sigma_max=T,
+                                                           clip=False)), noisy)
+  np.testing.assert_array_equal(np.asarray(editing.denoise(scm_fn, noisy, 0.0, sigma_min=0.0, sigma_max=T)),
+                                np.clip(noisy, -1, 1))
+  assert np.all(np.isfinite(np.asarray(editing.denoise(scm_fn, noisy, 0.01, sigma_min=0.0, sigma_max=T))))
 
 
 def test_each_example_depends_only_on_its_key(gray_fn):

@@ -268,6 +268,45 @@ def test_unet_jvp_agrees_with_central_differences_and_shares_the_dropout_mask():
   assert np.linalg.norm(np.asarray(tangent_out, np.float64) - fd_other) / np.linalg.norm(fd) > 1.0
 
 
+def test_scm_loss_gradient_uses_the_students_dropout_mask_inside_the_jvp():
+  """At tangent warm-up w = 0 the tangent is g = -cos^2 t (sd F^- - dx/dt), normalised, and the loss gradient is
+  -2/D sum_i g_i dF_i/dtheta. With the student's dropout mask inside the jvp, F^- has the student's values, so
+  scm_loss's gradient equals the gradient of a reference loss whose target is built from the student's own
+  output. A jvp through another mask (dropout 0.5) gives a clearly different gradient."""
+  model, params = _unet(dropout=0.5)
+  den = Denoiser(model, sigma_data=SD, sigma_min=0.0)
+  loss_fn = functools.partial(scm.scm_loss, denoiser=den, settings=settings(warmup_steps=10, adaptive_weight=False))
+  x0 = jax.random.uniform(jax.random.PRNGKey(4), (3, 28, 28, 1), minval=-1.0, maxval=1.0)
+  rng = jax.random.PRNGKey(5)
+  grads = jax.grad(lambda p: loss_fn(p, None, x0, 0, rng)[0])(params)  # step 0: w = 0.
+
+  rng_sigma, rng_noise, rng_dropout = jax.random.split(rng, 3)  # scm_loss's own split of its key.
+  sigma = jnp.exp(-1.0 + 1.4 * jax.random.normal(rng_sigma, (3,)))
+  t = scm.trig_time(sigma, SD).reshape(-1, 1, 1, 1)
+  z = SD * jax.random.normal(rng_noise, x0.shape)
+  x_t = jnp.cos(t) * x0 + jnp.sin(t) * z
+  dx_dt = jnp.cos(t) * z - jnp.sin(t) * x0
+
+  def reference_grads(target_key):
+    def F(p, key):
+      return -den.network(p, x_t / SD, 0.25 * jnp.log(sigma), key)
+
+    g = scm.normalize_tangent(-jnp.cos(t) ** 2 * (SD * F(params, target_key) - dx_dt), 0.1)
+
+    def loss(p):
+      f = F(p, rng_dropout)
+      return jnp.mean(karras.l2_distance(f - jax.lax.stop_gradient(f), g))
+
+    return jax.grad(loss)(params)
+
+  def rel_err(a, b):
+    diff = jnp.sqrt(sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    return float(diff / jnp.sqrt(sum(jnp.sum(jnp.square(y)) for y in jax.tree.leaves(b))))
+
+  assert rel_err(grads, reference_grads(rng_dropout)) < 1e-4
+  assert rel_err(grads, reference_grads(jax.random.PRNGKey(99))) > 0.05
+
+
 def test_bfloat16_runs_the_jvp_tangent_and_loss_in_float32():
   config = test_config.get_config('sct')
   config.training.precision = 'bfloat16'

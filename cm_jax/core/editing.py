@@ -345,12 +345,19 @@ def interpolate(denoise_fn: DenoiseFn, z1_BHWC: jax.Array, z2_BHWC: jax.Array, a
 
 def denoise(denoise_fn: DenoiseFn, x_noisy_BHWC: jax.Array, sigma: float, *, sigma_min: float,
             sigma_max: float, clip: bool = True) -> jax.Array:
-  """x = f(x_noisy, sigma) for images with Gaussian noise of known std sigma in [sigma_min, sigma_max]."""
+  """x = f(x_noisy, sigma) for images with Gaussian noise of known std sigma in [sigma_min, sigma_max].
+
+  At sigma = sigma_min the result is x_noisy itself, the boundary condition f(x, eps) = x, without a network
+  call: with the boundary at 0 (sCT / sCD runs) the network's noise input ln(sigma) / 4 would be -inf.
+  """
   sigma = float(sigma)
   if not sigma_min <= sigma <= sigma_max:
     raise ValueError(f'sigma = {sigma} is outside [{sigma_min}, {sigma_max}]; the consistency function is '
                      'defined for noise levels between sigma_min and sigma_max.')
-  x = denoise_fn(x_noisy_BHWC, jnp.full((x_noisy_BHWC.shape[0],), sigma, x_noisy_BHWC.dtype))
+  if sigma == sigma_min:
+    x = jnp.asarray(x_noisy_BHWC)
+  else:
+    x = denoise_fn(x_noisy_BHWC, jnp.full((x_noisy_BHWC.shape[0],), sigma, x_noisy_BHWC.dtype))
   return jnp.clip(x, -1.0, 1.0) if clip else x
 
 
