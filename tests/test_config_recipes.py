@@ -247,7 +247,7 @@ def test_recipe_configs_end_on_their_recipe_with_their_own_overrides_after_it():
   assert (config_of('imagenet64_cd').loss.mu0, config_of('imagenette_cd').loss.mu_variant) == (0.95, 'constant')
   assert (config_of('fashion_mnist_ct2023').loss.schedule, config_of('imagenet64_ct').loss.s1) == ('adaptive', 200)
   assert (config_of('cifar10_ect').loss.ect_stage_steps, config_of('fashion_mnist_ect').loss.ect_stage_steps) == (
-      25_000, 580)
+      25_000, 1280)
   assert (config_of('cifar10_edm').sampling.diffusion_steps, config_of('imagenette_edm').sampling.diffusion_steps) == (
       18, 40)
   # The dropout of a config after its helper wins over the helper's: ECT on CIFAR-10 keeps 0.2, CD's is 0.

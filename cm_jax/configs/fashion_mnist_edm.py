@@ -5,8 +5,10 @@ compare at equal architecture and the CD/ECT student can start from these weight
 N(-1.2, 1.2^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. Sampled with EDM Heun on an 18-point
 Karras grid (35 network calls):
     python -m cm_jax.sample --workdir=TEACHER --sampler=heun --steps=18 --num=1000 --out=teacher.npz
-Budget: 3300 steps, about the 28 minutes of the CT run on an idle 2-core CPU (~2.05 steps/s with the
-predecessor of `benchmarks/train_step.py`; an EDM step is one network pass where CT makes two).
+Budget: 8400 steps, about 28 minutes on an idle 2-core AMD EPYC (0.198 s per step in
+`python benchmarks/train_step.py --sweep=configs/fashion_mnist_ct.py,configs/fashion_mnist_edm.py,...`, 2026-12-06,
+against CT's 0.243 s: an EDM step is one network pass where CT makes two). Resize num_steps from that script on
+another machine.
 """
 
 from cm_jax.configs import common
@@ -19,6 +21,6 @@ def get_config():
   # EDM samples from sigma_max; its CD and ECT students (configs derived from this one) keep CM's start too:
   # the CT config's start_t = 40 was measured for CT only.
   config.sampling.start_t = None
-  config.training.num_steps = 3300
-  config.training.eval_every = 550
+  config.training.num_steps = 8400
+  config.training.eval_every = 1400
   return config
