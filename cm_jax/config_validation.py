@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from cm_jax import input_pipeline
@@ -56,14 +58,14 @@ SEQUENCES = {'model.ch_mult': int, 'model.attn_resolutions': int, 'training.ema_
 # Fastest angular frequency of the time embedding per unit of c_noise = ln(sigma) / 4 above which sCT / sCD get a
 # warning: sCM (Lu & Song 2024, Sec. 4.1, Fig. 4) found continuous-time training unstable with Fourier scale 16
 # and uses low-frequency (positional, ~0.02 Fourier) embeddings; the jvp differentiates the embedding in c_noise.
-SCM_MAX_EMBEDDING_FREQUENCY = 2 * 3.141592653589793
+SCM_MAX_EMBEDDING_FREQUENCY = 2 * math.pi
 
 
 def embedding_frequency(model: ml_collections.ConfigDict) -> float:
   """Nominal fastest angular frequency of the time embedding in c_noise: 2 pi fourier_scale (one standard
   deviation of the random frequencies) or positional_scale (the positional embedding's top frequency is 1)."""
   if model.embedding == 'fourier':
-    return 2 * 3.141592653589793 * model.fourier_scale
+    return 2 * math.pi * model.fourier_scale
   return float(model.positional_scale)
 
 
