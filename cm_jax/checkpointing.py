@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import importlib
+import json
 import os
 import re
 import time
@@ -47,21 +49,22 @@ def is_damage(e: BaseException) -> bool:
   """Whether a restore error may come from the checkpoint's files (else: a bug, or out of device memory)."""
   return (isinstance(e, Exception) and not isinstance(e, _NOT_DAMAGE)
           and 'RESOURCE_EXHAUSTED' not in str(e) and 'Out of memory' not in str(e))
-# The JSON item {leaf path: 'dtype:checksum'} written with each state; checkpoints without it predate it.
+# The JSON item {leaf path: 'dtype:checksum'} written with each state, plus one entry per JSON item ('#config',
+# '#data': 'json:sha256 prefix'); checkpoints without it predate it.
 CHECKSUMS_ITEM = 'checksums'
+JSON_ITEMS = ('config', 'data')
 ITEM_NAMES = ('state', 'config', 'data', CHECKSUMS_ITEM)
 
 T = TypeVar('T')
 
 
 class CorruptCheckpointError(errors.InputFileError):
-  """Arrays of a checkpoint read back with other checksums than they were saved with (damaged on disk)."""
+  """A checkpoint whose arrays, config or data record read back with other checksums than they were saved with,
+  or whose checksums are missing where its run's other checkpoints carry them (damaged on disk)."""
 
-  def __init__(self, directory: str, step: int, bad: list[str], total: int):
-    self.step, self.bad = step, bad
-    self.reason = (f'{len(bad)} of its {total} arrays read back differ from their saved checksums: '
-                   f'{", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}')
-    super().__init__(f'The checkpoint of step {step} in {directory} is corrupt ({self.reason}); it was not loaded.')
+  def __init__(self, directory: str, step: int, reason: str, bad: tuple[str, ...] = ()):
+    self.step, self.bad, self.reason = step, list(bad), reason
+    super().__init__(f'The checkpoint of step {step} in {directory} is corrupt ({reason}); it was not loaded.')
 
 
 class UnreadableCheckpointError(errors.InputFileError):
@@ -105,8 +108,10 @@ def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.Conf
   failed in the background (a full disk) raises here, at the next save, as errors.OutputPathError.
   """
   step = int(jax.device_get(state.step))
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
-                            data=ocp.args.JsonSave(data), checksums=ocp.args.JsonSave(checksums(state)))
+  items = {'config': config.to_dict(), 'data': data}
+  sums = checksums(state) | {f'#{name}': json_checksum(items[name]) for name in JSON_ITEMS}
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(items['config']),
+                            data=ocp.args.JsonSave(items['data']), checksums=ocp.args.JsonSave(sums))
   with _disk_errors_explained(manager):
     manager.save(step, args=args, force=True)
   _UNCOLLECTED.add(id(manager))
@@ -259,19 +264,37 @@ def checksums(tree: Any) -> dict[str, str]:
   return {leaf_name(path): f'{leaf.dtype}:{int(a):08x}{int(b):08x}' for (path, leaf), (a, b) in zip(flat, sums)}
 
 
+def json_checksum(value: Any) -> str:
+  """'json:' + the first 16 hex digits of the SHA-256 of `value` as canonical JSON (sorted keys; tuples as
+  lists, as the saved JSON holds them), so the value saved and the value read back hash alike."""
+  text = json.dumps(value, sort_keys=True, separators=(',', ':'))
+  return 'json:' + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 _UNVERIFIED_LOGGED: set[str] = set()
 
 
 def saved_checksums(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
-  """The checksums saved with checkpoint `step`, or None for a checkpoint written before cm_jax saved them."""
-  if not (epath.Path(manager.directory) / str(step) / CHECKSUMS_ITEM).exists():
-    return None
-  return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+  """The checksums saved with checkpoint `step`, or None for a checkpoint written before cm_jax saved them.
+
+  Raises CorruptCheckpointError when they are missing although another checkpoint of the run carries them:
+  every checkpoint cm_jax writes has them, so a missing folder is damage, not age.
+  """
+  root = epath.Path(manager.directory)
+  if (root / str(step) / CHECKSUMS_ITEM).exists():
+    return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+  others = [s for s in sorted(manager.all_steps()) if s != step and (root / str(s) / CHECKSUMS_ITEM).exists()]
+  if others:
+    raise CorruptCheckpointError(os.fspath(manager.directory), step,
+                                 f'its {CHECKSUMS_ITEM} item is missing, while the checkpoints of steps '
+                                 f'{others} carry theirs', bad=(CHECKSUMS_ITEM,))
+  return None
 
 
 def verify(manager: ocp.CheckpointManager, step: int, restored: Any) -> None:
   """Raises CorruptCheckpointError unless every array of `restored` (all or part of checkpoint `step`'s state)
-  has the checksum it was saved with. A checkpoint without checksums passes, logged once per directory."""
+  has the checksum it was saved with. A checkpoint without checksums passes, logged once per directory, when
+  no checkpoint of the run has them (written before cm_jax saved them)."""
   saved = saved_checksums(manager, step)
   if saved is None:
     where = os.fspath(manager.directory)
@@ -283,7 +306,22 @@ def verify(manager: ocp.CheckpointManager, step: int, restored: Any) -> None:
   now = checksums(restored)
   bad = sorted(name for name, value in now.items() if saved.get(name) != value)
   if bad:
-    raise CorruptCheckpointError(os.fspath(manager.directory), step, bad, len(now))
+    raise CorruptCheckpointError(os.fspath(manager.directory), step,
+                                 f'{len(bad)} of its {len(now)} arrays read back differ from their saved '
+                                 f'checksums: {", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}', bad=bad)
+
+
+def verify_json(manager: ocp.CheckpointManager, step: int, name: str, value: Any) -> Any:
+  """Returns `value`, the JSON item `name` ('config' or 'data') read from checkpoint `step`, after checking it
+  against its saved checksum (CorruptCheckpointError on a mismatch). Checkpoints from before such checksums
+  were saved pass."""
+  saved = saved_checksums(manager, step)
+  expected = None if saved is None else saved.get(f'#{name}')
+  if expected is not None and json_checksum(value) != expected:
+    raise CorruptCheckpointError(os.fspath(manager.directory), step,
+                                 f'its saved {name} reads back with another checksum than it was saved with',
+                                 bad=(name,))
+  return value
 
 
 def describe_error(e: BaseException) -> str:
@@ -338,6 +376,8 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
   def read(step: int) -> Any:
     check_no_links(manager, step)
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+    for name in JSON_ITEMS:
+      verify_json(manager, step, name, getattr(meta, name))
     try:
       check_compatible(config_lib.config_from_json_dict(meta.config), config, workdir)
       check_same_data(meta.data, data, workdir)
@@ -350,8 +390,9 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
 
   found = newest_readable(manager.all_steps(), read, skip, is_bad=lambda e: is_damage(e) and e not in refused)
   if found is None:
-    raise RuntimeError(f'No readable checkpoint in {checkpoint_dir(workdir)}: {problems}. Move the directory '
-                       'away to start afresh.')
+    raise UnreadableCheckpointError(
+        f'No readable checkpoint in {checkpoint_dir(workdir)} ({"; ".join(problems)}); none was loaded or moved. '
+        'Restore the checkpoints from a backup, or move that directory away to start again from step 0.')
   if unreadable and jax.process_index() == 0:
     move_aside(workdir, unreadable)
   multihost.barrier('cm_jax_checkpoint_restored')  # No process lists a checkpoint that is being moved away.
@@ -362,6 +403,9 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
 def move_aside(workdir: str, steps: list[int]) -> str:
   """Moves the checkpoints of `steps` to WORKDIR/unreadable_checkpoints/STEP-TIME; returns that folder."""
   aside = epath.Path(paths.absolute(workdir)) / 'unreadable_checkpoints'
+  if aside.exists() and not aside.is_dir():
+    raise errors.OutputPathError(f'{aside} is a file, where cm_jax keeps the checkpoints it moves aside; move or '
+                                 'rename that file, then run again.')
   aside.mkdir(parents=True, exist_ok=True)
   for bad in steps:
     (epath.Path(checkpoint_dir(workdir)) / str(bad)).rename(aside / f'{bad}-{time.time():.0f}')
@@ -378,8 +422,8 @@ def _newest_that_reads(manager: ocp.CheckpointManager, read: Callable[[int], T])
 
 def saved_data(manager: ocp.CheckpointManager) -> Optional[dict]:
   """The `data` record (data fingerprint, and the teacher of CD/ECT runs) of the newest checkpoint that reads."""
-  return _newest_that_reads(
-      manager, lambda step: manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data)
+  return _newest_that_reads(manager, lambda step: verify_json(
+      manager, step, 'data', manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data))
 
 
 def saved_config(manager: ocp.CheckpointManager) -> Optional[ml_collections.ConfigDict]:
@@ -440,7 +484,9 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
   but never move it: they may run beside the trainer, which owns the workdir.
 
   step None: the newest step whose restore succeeds (it must verify the checksums), with a warning naming
-  each damaged newer step. An explicit step that fails raises UnreadableCheckpointError naming it, the cause
+  each damaged newer step; a step that disappears while it is read (a trainer beside it rotating checkpoints,
+  training.keep_checkpoints) is not damage: the newest step listed then is read instead. An explicit step that
+  fails raises UnreadableCheckpointError naming it, the cause
   and the other steps there. `manager` must list at least one step (callers report an empty workdir).
   """
   steps = sorted(manager.all_steps())
@@ -456,15 +502,30 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
           f'The checkpoint of step {step} in {where} is unreadable or corrupt ({describe_error(e)}); it was not '
           f'loaded. Other steps there: {others}; ask for one of them, or for none to get the newest readable '
           'one.') from e
-  damaged, problems = [], []
+  for attempt in range(_ROTATION_RETRIES + 1):
+    damaged, problems, vanished = [], [], []
 
-  def skip(candidate: int, e: Exception) -> None:
-    damaged.append(candidate)
-    problems.append(f'step {candidate}: {describe_error(e)}')
-    logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '
-                    'files are left as they are).', candidate, where, describe_error(e))
+    def skip(candidate: int, e: Exception) -> None:
+      if not (epath.Path(manager.directory) / str(candidate)).exists():
+        vanished.append(candidate)  # Deleted while being read: the trainer rotated it out (keep_checkpoints).
+        logging.info('Checkpoint at step %d in %s was removed while being read (its trainer keeps only the newest '
+                     'ones); looking for a newer one.', candidate, where)
+        return
+      damaged.append(candidate)
+      problems.append(f'step {candidate}: {describe_error(e)}')
+      logging.warning('Checkpoint at step %d in %s is unreadable or corrupt (%s); trying an older one (its '
+                      'files are left as they are).', candidate, where, describe_error(e))
 
-  found = newest_readable(steps, restore, skip)
+    found = newest_readable(steps, restore, skip)
+    if not vanished or attempt == _ROTATION_RETRIES:
+      break
+    manager.reload()  # The trainer wrote a newer step before deleting the one being read: read that one.
+    steps = sorted(manager.all_steps())
+  if found is None and vanished and not damaged:
+    raise UnreadableCheckpointError(
+        f'No readable checkpoint in {where}: a trainer there deleted each checkpoint while it was being read '
+        f'({_ROTATION_RETRIES + 1} tries, last step {vanished[-1]}). Run again, or keep more checkpoints '
+        '(--config.training.keep_checkpoints).')
   if found is None:
     raise UnreadableCheckpointError(f'No readable checkpoint in {where}: {"; ".join(problems)}. Train again, or '
                                     'restore the checkpoints from a backup.')
@@ -474,11 +535,15 @@ def restore_read_only(manager: ocp.CheckpointManager, restore: Callable[[int], T
   return found
 
 
+# How often a read-only restore looks again after its checkpoint was rotated away while being read.
+_ROTATION_RETRIES = 5
+
+
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:
   """The config a checkpoint was written with."""
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return config_lib.config_from_json_dict(restored.config)
+  return config_lib.config_from_json_dict(verify_json(manager, step, 'config', restored.config))
 
 
 # Fields that decide the shapes in the train state (or the data): a resumed run must keep them.

@@ -8,6 +8,7 @@ The CLI cases run as subprocesses, two at a time (a module fixture), against one
 import concurrent.futures
 import dataclasses
 import gzip
+import hashlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import json
+from typing import Optional
 
 import jax
 import numpy as np
@@ -39,6 +41,8 @@ class Case:
   code: int                 # Expected exit code.
   names: tuple              # Substrings the error line must contain (the field, flag or file).
   # The error line must come from cm_jax's checks: no Python exception type names in it.
+  file_size_limit: Optional[int] = None  # Run where no file can grow past this many bytes (writes: EFBIG).
+  unchanged: tuple = ()     # Files under {tmp} that exist before the run and must be byte-identical after it.
 
 
 def _cases():
@@ -150,12 +154,25 @@ def _cases():
       Case('evaluate_steps_not_integers', 'evaluate', [run, '--steps=a'], 2, ('--steps',)),
       Case('evaluate_output_unwritable', 'evaluate', [run, '--num=8', '--output={tmp}/a_file/x.json'], 1,
            ('--output', 'a_file')),
+      # ----- a full disk (a file-size limit) while writing an output over an existing good one
+      Case('sample_out_disk_full', 'sample', [run, '--num=64', '--out={tmp}/kept.npz'], 1,
+           ('kept.npz', 'unchanged'), file_size_limit=FULL_DISK_BYTES, unchanged=('kept.npz',)),
+      Case('edit_out_disk_full', 'edit', [run, '--task=inpaint', '--input={tmp}/many_images.npz',
+                                          '--out={tmp}/kept_edit'], 1,
+           ('kept_edit', 'unchanged'), file_size_limit=FULL_DISK_BYTES,
+           unchanged=('kept_edit/inpaint.npz', 'kept_edit/inpaint.png')),
       Case('evaluate_num_zero', 'evaluate', [run, '--num=0'], 2, ('--num',)),
       Case('evaluate_start_t_below_two_step_t', 'evaluate', [run, '--start_t=1', '--steps=2', '--num=4'], 2,
            ('sampling.two_step_t', '--ts')),
   ]
 
 
+FULL_DISK_BYTES = 16 * 1024  # Less than any of those outputs; what the CLIs write before them (nothing) fits.
+# Exec wrapper: the file-size limit (writes beyond it fail with EFBIG instead of killing the process by SIGXFSZ).
+LIMIT_FILE_SIZE = ('import os, resource, signal, sys; n = int(sys.argv[1]); '
+                   'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+                   'resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); '
+                   'os.execv(sys.executable, [sys.executable] + sys.argv[2:])')
 CASES = _cases()
 
 
@@ -180,6 +197,12 @@ def _write_inputs(tmp: str) -> None:
   np.savez(os.path.join(tmp, 'floats.npz'), rng.random((2, 28, 28)).astype(np.float32))
   np.savez(os.path.join(tmp, 'small.npz'), rng.integers(0, 255, (2, 16, 16), dtype=np.uint8))
   np.savez(os.path.join(tmp, 'images.npz'), rng.integers(0, 255, (2, 28, 28), dtype=np.uint8))
+  np.savez(os.path.join(tmp, 'many_images.npz'), rng.integers(0, 255, (64, 28, 28), dtype=np.uint8))
+  # Good outputs of an earlier run, which a write failing for a full disk must leave as they are.
+  np.savez(os.path.join(tmp, 'kept.npz'), rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8))
+  os.makedirs(os.path.join(tmp, 'kept_edit'))
+  np.savez(os.path.join(tmp, 'kept_edit', 'inpaint.npz'), result=rng.integers(0, 255, (64, 28, 28, 1), np.uint8))
+  Image.fromarray(rng.integers(0, 255, (200, 200), dtype=np.uint8)).save(os.path.join(tmp, 'kept_edit', 'inpaint.png'))
   for name, count, broken in (('three_images', 3, False), ('corrupt_images', 4, True)):
     folder = os.path.join(tmp, name, 'class_a')
     os.makedirs(folder)
@@ -216,6 +239,11 @@ def _snapshot(root: str) -> dict:
   return out
 
 
+def _digest(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def _env():
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
   env.pop('XLA_FLAGS', None)  # One device, as a user's CLI run has.
@@ -235,16 +263,22 @@ def corpus(tmp_path_factory):
   before = _snapshot(run_dir)
   busy_before = _snapshot(os.path.join(tmp, 'busy'))
 
+  kept = {name: _digest(os.path.join(tmp, name)) for case in CASES for name in case.unchanged}
+
   def one(case):
     new = os.path.join(tmp, f'new_{case.name}')
     args = [a.format(run=run_dir, tmp=tmp, new=new) for a in case.args]
-    result = subprocess.run([sys.executable, '-m', f'cm_jax.{case.module}', *args], capture_output=True, text=True,
-                            cwd=REPO_ROOT, env=_env(), timeout=600)
-    return case, result, new
+    cmd, env = [sys.executable, '-m', f'cm_jax.{case.module}', *args], _env()
+    if case.file_size_limit is not None:
+      cmd = [sys.executable, '-c', LIMIT_FILE_SIZE, str(case.file_size_limit), *cmd[1:]]
+      env.update(JAX_COMPILATION_CACHE_DIR='', JAX_ENABLE_COMPILATION_CACHE='false')  # No cache entries to write.
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    changed = [name for name in case.unchanged if _digest(os.path.join(tmp, name)) != kept[name]]
+    return case, (result, changed), new
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     results = list(pool.map(one, CASES))
-  return {'results': {c.name: (c, r, new) for c, r, new in results}, 'tmp': tmp,
+  return {'results': {c.name: (c, r, new) for c, r, new in results}, 'tmp': tmp, 'kept_names': set(kept),
           'run_unchanged': _snapshot(run_dir) == before,
           'busy_unchanged': _snapshot(os.path.join(tmp, 'busy')) == busy_before}
 
@@ -256,7 +290,7 @@ def test_corpus_is_large_enough():
 
 @pytest.mark.parametrize('name', [c.name for c in CASES])
 def test_bad_input_ends_with_one_line(corpus, name):
-  case, result, new = corpus['results'][name]
+  case, (result, changed), new = corpus['results'][name]
   stderr = result.stderr
   assert result.returncode == case.code, f'exit {result.returncode}, expected {case.code}:\n{stderr[-3000:]}'
   assert 'Traceback' not in stderr, stderr[-3000:]
@@ -268,6 +302,10 @@ def test_bad_input_ends_with_one_line(corpus, name):
   # Nothing left behind: a new workdir is not created, the trained one is untouched (checked once below).
   assert not os.path.exists(new), os.listdir(new)
   assert not result.stdout.strip() or case.module == 'evaluate', result.stdout
+  assert not changed, f'the failed write changed {changed}'
+  if case.unchanged:  # Nor a temporary file beside them.
+    folders = {os.path.dirname(os.path.join(corpus['tmp'], n)) for n in case.unchanged}
+    assert not [f for d in folders for f in os.listdir(d) if f.endswith('.tmp')], folders
 
 
 def test_trained_and_busy_workdirs_unchanged(corpus):

@@ -185,6 +185,38 @@ def test_a_step_that_fails_to_read_is_skipped_by_read_only_restores_and_moved_as
   assert [n.split('-')[0] for n in os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))] == ['3']
 
 
+class RotatingManager(FakeManager):
+  """A trainer with keep_checkpoints=1 beside the reader: reading step N finds it deleted and step N + 1
+  written meanwhile, for steps below `until`."""
+
+  def __init__(self, directory: str, config, until: int):
+    super().__init__(directory, config)
+    self.until, self.reloads = until, 0
+    for step in (1, 2):
+      os.rmdir(os.path.join(directory, str(step)))
+
+  def restore(self, step: int, args=None):
+    if step < self.until:
+      os.makedirs(os.path.join(self.directory, str(step + 1)))
+      os.rmdir(os.path.join(self.directory, str(step)))
+      raise FileNotFoundError(f'{self.directory}/{step}/state: no such file (test)')
+    return types.SimpleNamespace(state={'w': np.full(2, step, np.float32)})
+
+  def reload(self) -> None:
+    self.reloads += 1
+
+
+def test_a_read_only_restore_follows_a_rotating_trainer_instead_of_reporting_damage(tmp_path, caplog):
+  manager = RotatingManager(str(tmp_path / 'checkpoints'), tiny_config(), until=6)
+  with caplog.at_level(logging.INFO):
+    step, state = checkpointing.restore_read_only(manager, lambda s: manager.restore(s).state)
+  assert step == 6 and state['w'].tolist() == [6, 6] and manager.reloads == 3
+  assert 'removed while being read' in caplog.text and 'unreadable or corrupt' not in caplog.text
+  endless = RotatingManager(str(tmp_path / 'endless'), tiny_config(), until=10 ** 6)
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match='deleted each checkpoint while it was being read'):
+    checkpointing.restore_read_only(endless, lambda s: endless.restore(s).state)  # Gives up after a few tries.
+
+
 def test_newest_readable_propagates_errors_that_are_not_damage():
   def read(step):
     if step == 3:
@@ -309,8 +341,20 @@ def test_every_checkpoint_carries_the_checksum_of_every_array(run):
     saved = checkpointing.saved_checksums(manager, 4)
   finally:
     manager.close()
-  assert saved == checkpointing.checksums(state)
-  assert len(saved) == len(jax.tree.leaves(state)) and 'opt_state/1/0/mu/Conv_0/kernel' in saved
+  arrays = {k: v for k, v in saved.items() if not k.startswith('#')}
+  assert arrays == checkpointing.checksums(state)
+  assert len(arrays) == len(jax.tree.leaves(state)) and 'opt_state/1/0/mu/Conv_0/kernel' in saved
+  assert sorted(set(saved) - set(arrays)) == ['#config', '#data']  # And of the JSON items beside the state.
+  with open(os.path.join(workdir, 'checkpoints', '4', 'config', 'metadata')) as f:
+    assert saved['#config'] == checkpointing.json_checksum(json.load(f))
+
+
+def test_json_checksum_of_a_value_and_of_its_json_round_trip_agree():
+  config = tiny_config().to_dict()
+  assert checkpointing.json_checksum(config) == checkpointing.json_checksum(json.loads(json.dumps(config)))
+  assert checkpointing.json_checksum({'a': (1, 2.5), 'b': None}) == checkpointing.json_checksum({'b': None,
+                                                                                                'a': [1, 2.5]})
+  assert checkpointing.json_checksum({'x': 0.71}) != checkpointing.json_checksum({'x': 0.72})
 
 
 def test_partial_restore_verifies_exactly_the_arrays_it_reads(run, tmp_path):
@@ -420,21 +464,71 @@ def test_teacher_refuses_a_damaged_step(run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# The config and data record are covered too, and a missing checksums item is damage when others have theirs.
+# --------------------------------------------------------------------------------------------------
+def edit_json_item(workdir: str, step: int, item: str, edit) -> None:
+  path = os.path.join(workdir, 'checkpoints', str(step), item, 'metadata')
+  with open(path) as f:
+    value = json.load(f)
+  edit(value)
+  with open(path, 'w') as f:
+    json.dump(value, f)
+
+
+@pytest.mark.parametrize('damage_kind', ['config_byte', 'data_record', 'checksums_missing'])
+def test_a_damaged_config_or_missing_checksums_is_never_loaded(run, tmp_path, caplog, damage_kind):
+  """One changed value in step 4's saved config (sigma_data, which changes every sample) or data record, or its
+  checksums folder deleted while step 2 keeps its own: the read-only load falls back to step 2 with a warning
+  and refuses an explicit step 4 (the config and checksums cases: sampling reads no data record); the resume moves step 4 aside and trains it again, bit-identical."""
+  _, config, straight_state, step2_state = run
+  workdir = str(tmp_path / damage_kind)
+  shutil.copytree(run[0], workdir)
+  if damage_kind == 'config_byte':
+    edit_json_item(workdir, 4, 'config', lambda c: c['consistency'].update(sigma_data=0.6))
+    reason = r'its saved config reads back with another checksum'
+  elif damage_kind == 'data_record':
+    edit_json_item(workdir, 4, 'data', lambda d: d.update({k: 'x' for k in list(d)[:1]}))
+    reason = r'its saved data reads back with another checksum'
+  else:
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '4', checkpointing.CHECKSUMS_ITEM))
+    reason = r'its checksums item is missing, while the checkpoints of steps \[2\] carry theirs'
+  if damage_kind != 'data_record':  # Sampling reads no data record.
+    with caplog.at_level(logging.WARNING):
+      model = inference.load(workdir)
+    assert model.step == 2 and tree_equal(model.params, step2_state.ema_params[0])
+    assert any(re.search(reason, m) for m in warnings_about(caplog, 4)), caplog.text
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'step 4 .*corrupt .*' + reason):
+      inference.load(workdir, step=4)
+    caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    state = train.train_and_evaluate(config, workdir)
+  assert any(re.search(reason, m) for m in warnings_about(caplog, 4)), caplog.text
+  aside = os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith('4-'), aside
+  assert int(state.step) == 4 and tree_equal(state, straight_state)
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints written before checksums existed.
 # --------------------------------------------------------------------------------------------------
-def test_a_checkpoint_without_checksums_still_restores(run, tmp_path, caplog):
-  """Step 4 rewritten the way cm_jax saved before checksums (items state, config and data only)."""
-  source, config, straight_state, _ = run
+def test_a_run_written_before_checksums_still_restores(run, tmp_path, caplog):
+  """Both steps rewritten the way cm_jax saved before checksums (items state, config and data only)."""
+  source, config, straight_state, step2_state = run
   workdir = str(tmp_path / 'old')
   shutil.copytree(source, workdir)
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
-  old = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir), item_names=('state', 'config', 'data'))
-  data = checkpointing.saved_data(old)
-  old.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(straight_state),
-                                      config=ocp.args.JsonSave(config.to_dict()), data=ocp.args.JsonSave(data)))
-  old.wait_until_finished()
-  old.close()
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '4', checkpointing.CHECKSUMS_ITEM))
+  data = None
+  for step, state in ((2, step2_state), (4, straight_state)):
+    if data is None:
+      manager = checkpointing.make_manager(workdir, read_only=True)
+      data = checkpointing.saved_data(manager)
+      manager.close()
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+    old = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir), item_names=('state', 'config', 'data'))
+    old.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           config=ocp.args.JsonSave(config.to_dict()), data=ocp.args.JsonSave(data)))
+    old.wait_until_finished()
+    old.close()
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints', str(step), checkpointing.CHECKSUMS_ITEM))
   with caplog.at_level(logging.INFO):
     model = inference.load(workdir)
   assert model.step == 4 and tree_equal(model.params, straight_state.ema_params[0])

@@ -11,7 +11,7 @@ from scipy import linalg
 
 from cm_jax.evaluation import inception
 from cm_jax.evaluation import metrics
-from cm_jax.runtime import atomic_file
+from cm_jax.runtime import paths
 import fake_inception as fake
 
 
@@ -318,7 +318,7 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
     raise OSError('disk full')
 
   with pytest.raises(OSError, match='disk full'):
-    atomic_file.write_atomic(path, fail)
+    paths.write_file(path, fail)
   assert os.listdir(tmp_path / 'sub') == []  # Neither the file nor its temporary.
-  assert atomic_file.write_atomic(path, lambda f: f.write(b'whole')) == str(path)
+  assert paths.write_file(path, lambda f: f.write(b'whole')) == str(path)
   assert path.read_bytes() == b'whole' and os.listdir(tmp_path / 'sub') == ['cache.npz']

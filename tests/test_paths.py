@@ -16,7 +16,6 @@ from cm_jax import checkpointing
 from cm_jax import edit
 from cm_jax import inference
 from cm_jax import teacher
-from cm_jax.runtime import atomic_file
 from cm_jax.runtime import images
 from cm_jax.runtime import paths
 
@@ -89,7 +88,7 @@ def test_fake_gcs_is_not_the_local_disk(fake_gcs):
 
 def test_atomic_write_to_gcs(fake_gcs):
   path = 'gs://bucket/cache/features.npz'
-  assert atomic_file.write_atomic(path, lambda f: np.savez(f, x=np.arange(4))) == path
+  assert paths.write_file(path, lambda f: np.savez(f, x=np.arange(4))) == path
   with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
     np.testing.assert_array_equal(data['x'], np.arange(4))
 
@@ -98,7 +97,7 @@ def test_atomic_write_to_gcs(fake_gcs):
     raise OSError('disk full')
 
   with pytest.raises(OSError, match='disk full'):
-    atomic_file.write_atomic('gs://bucket/cache/other.npz', fail)
+    paths.write_file('gs://bucket/cache/other.npz', fail)
   assert not epath.Path('gs://bucket/cache/other.npz').exists()
 
 

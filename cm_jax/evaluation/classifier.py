@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from cm_jax import input_pipeline
-from cm_jax.runtime import atomic_file
 from cm_jax.runtime import device_map
 from cm_jax.runtime import paths
 from cm_jax.runtime import progress as progress_lib
@@ -205,6 +204,6 @@ def load_or_train(config: ml_collections.ConfigDict) -> Classifier:
   logging.info('Classifier test accuracy: %.4f on %d %s test images.', accuracy, len(test_images),
                settings['dataset'])
   params_bytes, info_bytes = serialization.to_bytes(params), json.dumps(info, indent=1).encode()
-  atomic_file.write_atomic(stem + '.msgpack', lambda f: f.write(params_bytes))
-  atomic_file.write_atomic(stem + '.json', lambda f: f.write(info_bytes))  # Written last: marks the entry complete.
+  paths.write_file(stem + '.msgpack', lambda f: f.write(params_bytes))
+  paths.write_file(stem + '.json', lambda f: f.write(info_bytes))  # Written last: marks the entry complete.
   return Classifier(params, num_classes, image_shape, info)

@@ -28,7 +28,6 @@ from cm_jax.data import catalog
 from cm_jax.evaluation import classifier as classifier_lib
 from cm_jax.evaluation import metrics
 from cm_jax.evaluation import two_step_search
-from cm_jax.runtime import atomic_file
 from cm_jax.runtime import device_map
 from cm_jax.runtime import multihost
 from cm_jax.runtime import paths
@@ -156,7 +155,7 @@ def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Refere
                  ev.reference_split, path)
     features, _ = (net.local_fn or net.fn)(images)  # This process alone (process 0 first: see below).
     features = features.astype(np.float32)
-    atomic_file.write_atomic(path, lambda f: np.savez(f, features=features))
+    paths.write_file(path, lambda f: np.savez(f, features=features))
   return Reference(features, metrics.FeatureStats.from_features(features), info)
 
 

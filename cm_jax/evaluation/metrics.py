@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from cm_jax.runtime import atomic_file
+from cm_jax.runtime import paths
 
 DEFAULT_BATCH_SIZE = 1024  # Rows per distance block: a block holds batch_size * M float64 distances.
 
@@ -84,7 +84,7 @@ class FeatureStats:
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes an .npz (mu, sigma, num) atomically: a temporary file in the same folder, then os.replace."""
-    atomic_file.write_atomic(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num)))
+    paths.write_file(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num)))
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> FeatureStats:
