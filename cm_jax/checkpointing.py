@@ -47,8 +47,24 @@ _NOT_DAMAGE = (TypeError, AttributeError, NameError, AssertionError, ImportError
 
 def is_damage(e: BaseException) -> bool:
   """Whether a restore error may come from the checkpoint's files (else: a bug, or out of device memory)."""
+  if isinstance(e, multihost.ErrorOnAnotherProcess):
+    return e.kind == _DAMAGE
   return (isinstance(e, Exception) and not isinstance(e, _NOT_DAMAGE)
           and 'RESOURCE_EXHAUSTED' not in str(e) and 'Out of memory' not in str(e))
+
+
+_DAMAGE, _STOP = 1, 2  # Kinds of a read error that every process agrees on (multihost.agreed).
+
+
+def _read_kind(e: BaseException) -> int:
+  return _DAMAGE if is_damage(e) else _STOP
+
+
+def agreed_read(read: Callable[[], T]) -> T:
+  """read() of checkpoint files on every process, failing on all of them if it fails on any (a transient
+  read error on one host): so that all skip the same step, or all stop, and none computes checksums (a
+  collective) alone. Call it at the same point on every process."""
+  return multihost.agreed(read, kind_of=_read_kind)
 # The JSON item {leaf path: 'dtype:checksum'} written with each state, plus one entry per JSON item ('#config',
 # '#data': 'json:sha256 prefix'); checkpoints without it predate it.
 CHECKSUMS_ITEM = 'checksums'
@@ -295,7 +311,7 @@ def verify(manager: ocp.CheckpointManager, step: int, restored: Any) -> None:
   """Raises CorruptCheckpointError unless every array of `restored` (all or part of checkpoint `step`'s state)
   has the checksum it was saved with. A checkpoint without checksums passes, logged once per directory, when
   no checkpoint of the run has them (written before cm_jax saved them)."""
-  saved = saved_checksums(manager, step)
+  saved = agreed_read(lambda: saved_checksums(manager, step))
   if saved is None:
     where = os.fspath(manager.directory)
     if where not in _UNVERIFIED_LOGGED:
@@ -373,7 +389,7 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     logging.warning('Checkpoint at step %d is unreadable or corrupt (%s); trying an older one.', step,
                     problems[-1])
 
-  def read(step: int) -> Any:
+  def read_files(step: int) -> Any:
     check_no_links(manager, step)
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
     for name in JSON_ITEMS:
@@ -384,17 +400,22 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
     except Exception as e:  # pylint: disable=broad-except
       refused.append(e)  # A mismatch is the user's to fix: it propagates, never skipped as damage.
       raise
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+  def read(step: int) -> Any:
+    # Every process decides alike: a step that fails to read on one host is skipped (and moved aside) by all.
+    state = multihost.agreed(lambda: read_files(step), kind_of=lambda e: _STOP if e in refused else _read_kind(e))
     verify(manager, step, state)
     return state
 
-  found = newest_readable(manager.all_steps(), read, skip, is_bad=lambda e: is_damage(e) and e not in refused)
+  found = newest_readable(sorted(manager.all_steps()), read, skip,
+                          is_bad=lambda e: is_damage(e) and e not in refused)
   if found is None:
     raise UnreadableCheckpointError(
         f'No readable checkpoint in {checkpoint_dir(workdir)} ({"; ".join(problems)}); none was loaded or moved. '
         'Restore the checkpoints from a backup, or move that directory away to start again from step 0.')
-  if unreadable and jax.process_index() == 0:
-    move_aside(workdir, unreadable)
+  if unreadable:
+    multihost.on_process_zero(lambda: move_aside(workdir, unreadable))
   multihost.barrier('cm_jax_checkpoint_restored')  # No process lists a checkpoint that is being moved away.
   manager.reload()
   return found[1]
@@ -416,7 +437,8 @@ def move_aside(workdir: str, steps: list[int]) -> str:
 def _newest_that_reads(manager: ocp.CheckpointManager, read: Callable[[int], T]) -> Optional[T]:
   """read(step) of the newest checkpoint where it succeeds (None without one); any error skips a step silently:
   restore_for_resume reports and sets aside unreadable checkpoints."""
-  found = newest_readable(manager.all_steps(), read, on_bad=lambda step, e: None, is_bad=lambda e: True)
+  found = newest_readable(manager.all_steps(), lambda step: agreed_read(lambda: read(step)),
+                          on_bad=lambda step, e: None, is_bad=lambda e: True)
   return None if found is None else found[1]
 
 
@@ -469,11 +491,11 @@ def check_no_links(manager: ocp.CheckpointManager, step: int) -> None:
 def restore_parameters(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> dict:
   """Only `params` and `ema_params` of a checkpoint (a partial restore: no optimizer state is read), verified
   against their checksums (CorruptCheckpointError on a mismatch)."""
-  check_no_links(manager, step)
+  agreed_read(lambda: check_no_links(manager, step))
   item = {'params': abstract_state.params, 'ema_params': abstract_state.ema_params}
   args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                 partial_restore=True)
-  restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
+  restored = agreed_read(lambda: manager.restore(step, args=ocp.args.Composite(state=args)).state)
   verify(manager, step, restored)
   return restored
 
@@ -542,8 +564,12 @@ _ROTATION_RETRIES = 5
 def restore_config(manager: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:
   """The config a checkpoint was written with."""
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return config_lib.config_from_json_dict(verify_json(manager, step, 'config', restored.config))
+
+  def read() -> dict:
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return verify_json(manager, step, 'config', restored.config)
+
+  return config_lib.config_from_json_dict(agreed_read(read))
 
 
 # Fields that decide the shapes in the train state (or the data): a resumed run must keep them.

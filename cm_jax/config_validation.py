@@ -7,6 +7,7 @@ import math
 import ml_collections
 
 from cm_jax import input_pipeline
+from cm_jax.configs import common as config_lib
 from cm_jax.data import catalog
 from cm_jax.input_pipeline import MNIST_FAMILY
 from cm_jax.runtime import errors
@@ -213,6 +214,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'divide by {factor}; use fewer levels, or another data.image_size (data.pad_to for the MNIST '
            'family, e.g. 32).')
   _require(config.optim.lr > 0, 'optim.lr', 'must be > 0.')
+  for field, value in config_lib.flatten_dict(config.to_dict()).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise errors.ConfigError(f'config.{field}: must be a finite number, got {value}.')
+  _require(0 <= config.seed < 2 ** 63, 'seed', f'must be an integer from 0 to 2**63 - 1, got {config.seed}.')
   ev = config.evaluation
   _require(ev.every >= 0, 'evaluation.every', f'must be >= 0 (0: no in-training evaluation), got {ev.every}.')
   if ev.every:

@@ -303,8 +303,8 @@ def main(argv):
   if FLAGS.task != 'interpolate' and FLAGS.input is None:
     raise errors.UsageError(f'--task={FLAGS.task} needs --input (clean images, or the stroke painting for stroke).')
   multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
-  if jax.process_index() == 0:  # Before the editing, not after it.
-    cli.check_writable_dir(FLAGS.out, '--out')
+  # Before the editing, not after it; every process stops if it fails.
+  multihost.on_process_zero(lambda: cli.check_writable_dir(FLAGS.out, '--out'))
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   if FLAGS.task == 'interpolate':  # --num pairs x --alphas images, held in host memory as float32 and uint8.
     cli.check_fits_in_memory(FLAGS.num * FLAGS.alphas * int(np.prod(model.image_shape)) * 5,
@@ -318,8 +318,12 @@ def main(argv):
     raise
   except ValueError as e:
     raise errors.UsageError(str(e)) from e
-  if jax.process_index() != 0:  # Every process edited (its share of each batch) and holds all images.
-    return
+  # Every process edited (its share of each batch) and holds all images; process 0 writes them, and every
+  # process ends with its error if that fails.
+  multihost.on_process_zero(lambda: report(arrays, model))
+
+
+def report(arrays: dict[str, np.ndarray], model: inference.LoadedModel) -> None:
   npz, png = write(arrays, FLAGS.out, FLAGS.task)
   shapes = ', '.join(f'{k} {v.shape}' for k, v in arrays.items())
   print(f'Wrote {npz}: uint8 {shapes} ({FLAGS.task}, step {model.step}, {model.which_params}).')

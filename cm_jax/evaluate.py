@@ -34,7 +34,6 @@ import sys
 from typing import Optional, Sequence
 
 from absl import flags
-import jax
 import ml_collections
 import numpy as np
 
@@ -102,8 +101,8 @@ def external_samples_main() -> None:
     config_validation.validate(config)
   except ValueError as e:
     raise errors.UsageError(f'--dataset={FLAGS.dataset}: {e}') from e
-  if FLAGS.output and jax.process_index() == 0:
-    cli.check_writable_file(FLAGS.output, '--output')
+  if FLAGS.output:
+    multihost.on_process_zero(lambda: cli.check_writable_file(FLAGS.output, '--output'))
   images = load_samples_file(FLAGS.samples, catalog.image_shape(config.data), FLAGS.crop,
                              FLAGS.num if FLAGS['num'].present else None)
   write_report(evaluator_lib.evaluate_samples(evaluator_lib.make_evaluator_on_all_processes(config), images,
@@ -113,10 +112,13 @@ def external_samples_main() -> None:
 def write_report(out: dict) -> None:
   """The JSON object on stdout (and in --output), from process 0: every process computed the same report."""
   text = json.dumps(out, indent=1)
-  if jax.process_index() == 0:
+
+  def write() -> None:
     if FLAGS.output:
       paths.write_file(FLAGS.output, lambda f: f.write((text + '\n').encode()))
     sys.stdout.write(text + '\n')
+
+  multihost.on_process_zero(write)
 
 
 FLAGS = flags.FLAGS
@@ -183,8 +185,8 @@ def main(argv):
   times = cli.parse_floats('ts', FLAGS.ts)
   step_counts = None if FLAGS.steps is None else cli.parse_ints('steps', FLAGS.steps)
   multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
-  if FLAGS.output and jax.process_index() == 0:  # Before the sampling, not after it.
-    cli.check_writable_file(FLAGS.output, '--output')
+  if FLAGS.output:  # Before the sampling, not after it; every process stops if it fails.
+    multihost.on_process_zero(lambda: cli.check_writable_file(FLAGS.output, '--output'))
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   config = model.config
   overrides = {'feature_net': FLAGS.feature_net, 'inception_path': FLAGS.inception_path,
@@ -198,9 +200,10 @@ def main(argv):
     samplers.set_start_time(config, FLAGS.start_t)
   except ValueError as e:
     raise errors.UsageError(f'--start_t={FLAGS.start_t:g}: {e}') from e
-  if jax.process_index() == 0:  # Classifiers and reference features are cached there.
-    cli.check_writable_dir(classifier_lib.cache_dir(config), '--cache_dir' if FLAGS.cache_dir else
-                           'the evaluation cache (evaluation.cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax)')
+  # Classifiers and reference features are cached there.
+  multihost.on_process_zero(lambda: cli.check_writable_dir(
+      classifier_lib.cache_dir(config), '--cache_dir' if FLAGS.cache_dir else
+      'the evaluation cache (evaluation.cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax)'))
   cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
                            'lower --num.')
   try:

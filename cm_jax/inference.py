@@ -130,7 +130,7 @@ def load(workdir: str, step: Optional[int] = None, ema: Union[None, float, str] 
 
 def _restore_parameters(manager, step: int) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, {'params', 'ema_params'}) of checkpoint `step`, replicated over every device, checksums verified."""
-  checkpointing.check_no_links(manager, step)  # Before anything of that step is read.
+  checkpointing.agreed_read(lambda: checkpointing.check_no_links(manager, step))  # Before the step is read.
   config = checkpointing.restore_config(manager, step)
   # A path read from a checkpoint never decides where files are written: the evaluation cache is the user's
   # (--cache_dir, $CM_JAX_CACHE or ~/.cache/cm_jax), not the one recorded by whoever trained the run.

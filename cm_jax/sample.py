@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
 from cm_jax import inference
@@ -64,8 +64,8 @@ def main(argv):
       raise errors.UsageError(f'--{name} must be >= {low}, got {FLAGS[name].value}.')
   times = cli.parse_floats('ts', FLAGS.ts)
   multihost.initialize_from_flags()  # Before any device use: TPU pods, SLURM, or the explicit flags.
-  if jax.process_index() == 0:  # Before the sampling, not after it.
-    cli.check_writable_file(FLAGS.out, '--out')
+  # Before the sampling, not after it; every process stops if it fails.
+  multihost.on_process_zero(lambda: cli.check_writable_file(FLAGS.out, '--out'))
   model = inference.load(FLAGS.workdir, step=FLAGS.checkpoint_step, ema=FLAGS.ema)
   # Every sample is held in host memory (float32, then uint8) until the npz is written.
   cli.check_fits_in_memory(FLAGS.num * int(np.prod(model.image_shape)) * 5, f'--num={FLAGS.num}',
@@ -88,10 +88,14 @@ def main(argv):
   t0 = time.time()
   samples = model.sample(FLAGS.num, steps=FLAGS.steps, ts=times, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                          sampler=FLAGS.sampler, labels=labels)
-  if jax.process_index() != 0:  # Every process sampled (its share of each batch) and holds all samples.
-    return
+  # Every process sampled (its share of each batch) and holds all samples; process 0 writes them, and every
+  # process ends with its error if that fails.
+  multihost.on_process_zero(lambda: write(samples, labels, time.time() - t0))
+
+
+def write(samples: np.ndarray, labels: Optional[np.ndarray], seconds: float) -> None:
   paths.write_file(FLAGS.out, lambda f: np.savez(f, *((samples,) if labels is None else (samples, labels))))
-  print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {time.time() - t0:.1f} s.')
+  print(f'Wrote {samples.shape} {samples.dtype} samples to {FLAGS.out} in {seconds:.1f} s.')
   if FLAGS.grid:
     png = os.path.splitext(FLAGS.out)[0] + '.png'
     images.save_png(images.make_grid(samples[:FLAGS.grid]), png)

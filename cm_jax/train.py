@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -288,8 +289,9 @@ def sample_grid_writer(config: ml_collections.ConfigDict, workdir: str, denoiser
     panels = [images.make_grid(input_pipeline.to_uint8(np.asarray(jax.device_get(x))))
               for x in p_sample_grid(sampling_params(state))]
     grid = images.side_by_side(panels)
-    if jax.process_index() == 0:
-      path = images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
+    path = multihost.on_process_zero(  # Every process stops if the write fails (a full disk).
+        lambda: images.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png')))
+    if path is not None:
       logging.info('Wrote samples (%s) to %s', ' | '.join(s.describe() for s in specs), path)
     writer.write_images(step, {'samples': grid[None]})
   return write
@@ -408,9 +410,30 @@ def main(argv):
     raise errors.UsageError('Both --config=CONFIG.py and --workdir=DIR are required.')
   config_validation.validate(FLAGS.config)  # Before anything is created, so a bad value leaves no trace.
   multihost.initialize_from_flags()
-  if jax.process_index() == 0:
-    cli.check_writable_dir(FLAGS.workdir, '--workdir')
+  multihost.on_process_zero(lambda: check_workdir(FLAGS.workdir))  # Every process stops if it fails.
+  multihost.set_resume_advice(lambda: resume_advice(FLAGS.workdir))  # For the line of a lost process.
   train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def resume_advice(workdir: str) -> str:
+  """'the run resumes from step K, ...': the newest complete checkpoint in `workdir` (a plain listing: no
+  collective, no Orbax, which may wait on a lost process)."""
+  folder = epath.Path(checkpointing.checkpoint_dir(workdir))
+  steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+  if not steps:
+    return 'no checkpoint is complete yet, so the run starts again from step 0.'
+  return f'the run resumes from step {steps[-1]}, the newest checkpoint in {folder}.'
+
+
+def check_workdir(workdir: str) -> None:
+  """Before anything is written: files can be written in `workdir`, and its folders are not files."""
+  cli.check_writable_dir(workdir, '--workdir')
+  for name, holds in ((checkpointing.CHECKPOINT_SUBDIR, 'checkpoints'),
+                      ('unreadable_checkpoints', 'damaged checkpoints moved aside')):
+    folder = os.path.join(workdir, name)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise errors.OutputPathError(f'--workdir={workdir}: {folder} is a file, where cm_jax keeps {holds}; move '
+                                   'or rename it, or choose another --workdir.')
 
 
 if __name__ == '__main__':

@@ -9,13 +9,16 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
+import io
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-import json
+import zipfile
 from typing import Optional
 
 import jax
@@ -74,12 +77,22 @@ def _cases():
       Case('override_unknown_dataset', 'train', t + ['--config.data.name=svhn'], 2, ('data.name', 'svhn')),
       Case('config_argument_unknown_loss', 'train', ['--config=configs/test.py:bogus', '--workdir={new}'], 2,
            ('loss.name', 'bogus')),
+      Case('override_infinite_lr', 'train', t + ['--config.optim.lr=inf'], 2, ('optim.lr', 'finite')),
+      Case('override_seed_beyond_64_bits', 'train', t + ['--config.seed=1180591620717411303424'], 2, ('seed',)),
+      Case('config_returns_none_with_overrides', 'train', ['--config={tmp}/none_config.py', '--workdir={new}',
+                                                           '--config.seed=3'], 2, ('none_config.py', 'ConfigDict')),
       # ----- training: flags
       Case('train_missing_workdir', 'train', ['--config=configs/test.py'], 2, ('--workdir',)),
       Case('train_unknown_flag', 'train', t + ['--num_stepz=3'], 2, ('num_stepz',)),
       Case('train_positional_argument', 'train', t + ['extra'], 2, ('extra',)),
       Case('train_workdir_is_a_file', 'train', ['--config=configs/test.py', '--workdir={tmp}/a_file/run'], 1,
            ('--workdir', 'a_file')),
+      Case('train_workdir_cannot_be_created', 'train', ['--config=configs/test.py', '--workdir=/proc/cm_jax_no/run'],
+           1, ('--workdir', '/proc/cm_jax_no')),
+      Case('train_checkpoints_is_a_file', 'train', ['--config=configs/test.py', '--workdir={tmp}/checkpoints_file'],
+           1, ('checkpoints_file', 'is a file')),
+      Case('train_every_checkpoint_truncated', 'train', ['--config=configs/test.py', '--workdir={tmp}/all_truncated'],
+           1, ('all_truncated', 'No readable checkpoint', 'backup')),
       # ----- training: data
       Case('too_few_images_for_the_batch', 'train',
            t + ['--config.data.name=image_folder', '--config.data.manual_dir={tmp}/three_images',
@@ -92,6 +105,9 @@ def _cases():
       Case('image_folder_corrupt_image', 'train',
            t + ['--config.data.name=image_folder', '--config.data.manual_dir={tmp}/corrupt_images',
                 '--config.data.image_size=16', '--config.training.batch_size=2'], 1, ('broken.png',)),
+      Case('image_folder_looping_link', 'train',
+           t + ['--config.data.name=image_folder', '--config.data.manual_dir={tmp}/looping_link',
+                '--config.data.image_size=16', '--config.training.batch_size=2'], 1, ('looping_link', '9.png')),
       # ----- training: the run in the workdir
       Case('resume_with_other_model', 'train', ['--config=configs/test.py', run, '--config.model.ch=16',
                                                 '--config.training.num_steps=6'], 1, ('model.ch',)),
@@ -117,6 +133,8 @@ def _cases():
       Case('sample_too_many', 'sample', [run, '--num=1000000000000', '--out={tmp}/o.npz'], 2, ('--num',)),
       Case('sample_times_out_of_range', 'sample', [run, '--steps=2', '--ts=500', '--num=4', '--out={tmp}/o.npz'],
            2, ('500',)),
+      Case('sample_seed_beyond_64_bits', 'sample', [run, '--seed=1180591620717411303424', '--num=4',
+                                                    '--out={tmp}/o.npz'], 2, ('--seed',)),
       Case('sample_start_t_out_of_range', 'sample', [run, '--start_t=500', '--num=4', '--out={tmp}/o.npz'],
            2, ('--start_t=500', 'sigma_max')),
       # ----- editing: images, masks and npz files
@@ -130,6 +148,10 @@ def _cases():
                                               '--out={tmp}/edit'], 1, ('objects.npz', 'pickle')),
       Case('edit_input_garbage_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/garbage.npz',
                                               '--out={tmp}/edit'], 1, ('garbage.npz',)),
+      Case('edit_input_huge_header_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/huge_header.npz',
+                                                  '--out={tmp}/edit'], 1, ('huge_header.npz', 'declares')),
+      Case('edit_input_text_file_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/text.npz', '--out={tmp}/edit'],
+           1, ('text.npz', 'not an .npz')),
       Case('edit_input_float_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/floats.npz', '--out={tmp}/edit'],
            1, ('floats.npz', 'uint8')),
       Case('edit_input_wrong_size', 'edit', [run, '--task=inpaint', '--input={tmp}/small.npz', '--out={tmp}/edit'],
@@ -162,6 +184,8 @@ def _cases():
            ('kept_edit', 'unchanged'), file_size_limit=FULL_DISK_BYTES,
            unchanged=('kept_edit/inpaint.npz', 'kept_edit/inpaint.png')),
       Case('evaluate_num_zero', 'evaluate', [run, '--num=0'], 2, ('--num',)),
+      Case('evaluate_samples_without_images', 'evaluate', ['--samples={tmp}/empty.npz', '--dataset=fashion_mnist'],
+           1, ('empty.npz', 'no images')),
       Case('evaluate_start_t_below_two_step_t', 'evaluate', [run, '--start_t=1', '--steps=2', '--num=4'], 2,
            ('sampling.two_step_t', '--ts')),
   ]
@@ -187,7 +211,15 @@ def _write_inputs(tmp: str) -> None:
   write('no_get_config.py', 'X = 1\n')
   write('partial_config.py', 'import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict('
         '{"seed": 0})\n')
+  write('none_config.py', 'def get_config():\n  return None\n')
   write('a_file', 'not a directory\n')
+  write('text.npz', 'this is a text file, not an npz archive\n' * 10)
+  buffer = io.BytesIO()  # An .npy member whose header declares 2e9 images: numpy would try to allocate 1.4 TB.
+  np.lib.format.write_array(buffer, np.zeros((2, 28, 28, 1), np.uint8))
+  with zipfile.ZipFile(os.path.join(tmp, 'huge_header.npz'), 'w') as z:
+    z.writestr('arr_0.npy', buffer.getvalue().replace(b'(2, 28, 28, 1)', b'(2000000000, 28, 28, 1)'))
+  os.makedirs(os.path.join(tmp, 'checkpoints_file'))
+  write(os.path.join('checkpoints_file', 'checkpoints'), 'a file where the checkpoints folder belongs\n')
   write('not_an_image.png', 'this is text, not a PNG\n')
   with open(os.path.join(tmp, 'garbage.npz'), 'wb') as f:
     f.write(b'PK\x03\x04 not really a zip file')
@@ -211,6 +243,11 @@ def _write_inputs(tmp: str) -> None:
     if broken:
       with open(os.path.join(folder, 'broken.png'), 'wb') as f:
         f.write(b'\x89PNG\r\n\x1a\n truncated')
+  looping = os.path.join(tmp, 'looping_link', 'class_a')
+  os.makedirs(looping)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(os.path.join(looping, f'{i}.png'))
+  os.symlink('9.png', os.path.join(looping, '9.png'))  # A link to itself: ELOOP on every read.
   idx = os.path.join(tmp, 'truncated_idx')
   os.makedirs(idx)
   for name in os.listdir(FASHION):
@@ -260,6 +297,12 @@ def corpus(tmp_path_factory):
                             '--config.training.eval_every=100'], capture_output=True, text=True, cwd=REPO_ROOT,
                            env=_env(), timeout=900)
   assert trained.returncode == 0, trained.stderr[-3000:]
+  truncated = os.path.join(tmp, 'all_truncated')  # The trained run with every array file of every step cut.
+  shutil.copytree(run_dir, truncated)
+  for folder, _, names in os.walk(os.path.join(truncated, 'checkpoints')):
+    if os.path.basename(folder) == 'd' and names:
+      for name in names:
+        os.truncate(os.path.join(folder, name), 100)
   before = _snapshot(run_dir)
   busy_before = _snapshot(os.path.join(tmp, 'busy'))
 
@@ -319,6 +362,37 @@ def test_verbose_shows_the_traceback(tmp_path):
                            f'--out={tmp_path}/o.npz', '--verbose'], capture_output=True, text=True, cwd=REPO_ROOT,
                           env=_env(), timeout=600)
   assert result.returncode != 0 and 'Traceback' in result.stderr and 'No checkpoint' in result.stderr
+
+
+@pytest.mark.parametrize('module, args, started', [
+    ('sample', ['--num=200000', '--batch_size=8', '--out={tmp}/sigint.npz'], 'Sampling'),
+    ('edit', ['--task=interpolate', '--num=20000', '--batch_size=8', '--out={tmp}/sigint_edit'], 'Editing'),
+])
+def test_a_cli_started_with_sigint_ignored_still_stops_on_it(corpus, module, args, started):
+  """A shell script's background job inherits SIGINT as ignored; `kill -INT` must still stop the tool: exit 130,
+  one line, no output file."""
+  tmp = corpus['tmp']
+  proc = subprocess.Popen([sys.executable, '-m', f'cm_jax.{module}', f'--workdir={tmp}/run',
+                           *[a.format(tmp=tmp) for a in args]], cwd=REPO_ROOT, env=_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  try:
+    seen = []
+    for line in proc.stderr:  # Until the work has started (the model loaded, batches running).
+      seen.append(line)
+      if started in line:
+        break
+    assert proc.poll() is None, ''.join(seen)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  stderr = ''.join(seen) + rest
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == f'cm_jax.{module}: error: interrupted.', stderr[-3000:]
+  assert 'Traceback' not in stderr and not os.path.exists(os.path.join(tmp, 'sigint.npz'))
 
 
 # --------------------------------------------------------------------------------------------------

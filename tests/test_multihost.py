@@ -2,7 +2,9 @@
 the schedule horizon pinned when a run starts."""
 
 import functools
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,14 +39,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, num_processes: int, devices_per_process: int, num_steps: int, log_dir) -> list:
+def launch(workdir, num_processes: int, devices_per_process: int, num_steps: int, log_dir, extra=()) -> list:
   """Starts `num_processes` trainers of one run (each with `devices_per_process` fake CPU devices)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
   cmd = [sys.executable, '-m', 'cm_jax.train', f'--workdir={workdir}', *COMMON,
-         f'--config.training.num_steps={num_steps}']
+         f'--config.training.num_steps={num_steps}', *extra]
   if num_processes > 1:
     cmd += [f'--coordinator_address=127.0.0.1:{free_port()}', f'--num_processes={num_processes}']
   procs = []
@@ -361,3 +363,92 @@ def test_checkpoints_written_before_pinning_resume_with_their_own_num_steps():
   now.training.num_steps = 900
   pinned = ts.pin_schedule_horizons(now, old)
   assert pinned.loss.total_steps == pinned.optim.decay_steps == 300
+
+
+# --------------------------------------------------------------------------------------------------
+# Every process decides the same thing (2 processes of tests/multihost_agreement_worker.py).
+# --------------------------------------------------------------------------------------------------
+def run_workers(case: str, root) -> list:
+  """The JSON line of each of the 2 processes of `case`; fails on a hang (a process left waiting in a
+  collective for one that stopped) or a crash."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=REPO_ROOT)
+  worker = os.path.join(REPO_ROOT, 'tests', 'multihost_agreement_worker.py')
+  coordinator = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen([sys.executable, worker, case, str(root), coordinator, str(i)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise AssertionError(f'{case}: a process hung')
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  return outs
+
+
+def test_agreed_makes_every_process_end_with_the_same_error(tmp_path):
+  zero, one = run_workers('agreed', tmp_path)
+  assert zero['ok'] == {'result': 0} and one['ok'] == {'result': 1}
+  # Process 1 failed: it raises its own error, process 0 the same message with the same exit code.
+  assert one['one_fails']['error'] == 'InputFileError' and zero['one_fails']['error'] == 'ErrorOnAnotherProcess'
+  assert zero['one_fails']['message'] == one['one_fails']['message'] == 'bad file on process 1'
+  assert zero['one_fails']['exit_code'] == 1
+  # Damage on 0 (kind 1), a bug on 1 (kind 2): both stop on the bug, none skips it as damage.
+  assert one['worst_kind_wins']['error'] == 'TypeError'
+  assert zero['worst_kind_wins'] == {'error': 'ErrorOnAnotherProcess', 'message': 'TypeError: a bug there',
+                                     'kind': 2, 'exit_code': 1}
+  # Process-0-only work: its failure reaches process 1 (usage exit code kept); its result stays on process 0.
+  assert zero['zero_fails']['error'] == 'OutputPathError'
+  assert one['zero_fails']['message'] == '--out=/x: not writable' and one['zero_fails']['exit_code'] == 1
+  assert zero['zero_result'] == {'result': 'written'} and one['zero_result'] == {'result': None}
+
+
+def test_a_read_failure_on_one_process_makes_every_process_resume_from_the_same_older_step(tmp_path):
+  zero, one = run_workers('resume', tmp_path)
+  assert zero['state'] == one['state'] == {'result': [2.0, 2.0]}
+  assert zero['steps'] == one['steps'] == [1, 2]  # Step 3 moved aside once, by agreement.
+  assert zero['aside'] == ['3']
+
+
+def test_read_only_restores_agree_on_the_step_when_one_process_cannot_read_the_newest(tmp_path):
+  zero, one = run_workers('read_only', tmp_path)
+  assert zero['read_only'] == one['read_only'] == {'result': [2, test_config.get_config().seed]}
+  assert os.listdir(tmp_path / 'checkpoints') and not (tmp_path / 'unreadable_checkpoints').exists()
+
+
+@pytest.mark.parametrize('how, victim', [('kill', 1), ('kill', 0), ('stop', 1)])
+def test_a_lost_process_stops_the_others_in_seconds_with_one_line(tmp_path, how, victim):
+  """kill -9 of a process (its TCP connections reset), of the coordinator (which serves the key-value store),
+  or SIGSTOP (a vanished VM: no reset, the collective just waits): the survivor ends within seconds, exit 1,
+  with one line naming what was lost and the step a rerun resumes from; no wait for JAX's heartbeat timeout,
+  no C++ abort."""
+  workdir = tmp_path / 'run'
+  procs = launch(workdir, 2, 1, 400, tmp_path, extra=['--lost_process_timeout=5'])
+  try:
+    deadline = time.time() + 240
+    while not (workdir / 'checkpoints' / '10').exists():
+      assert time.time() < deadline and all(p.poll() is None for p, _ in procs), 'no step-10 checkpoint'
+      time.sleep(0.1)
+    lost, survivor = procs[victim][0], procs[1 - victim][0]
+    lost.send_signal(signal.SIGKILL if how == 'kill' else signal.SIGSTOP)
+    start = time.time()
+    code = survivor.wait(timeout=90)
+    took = time.time() - start
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait()
+      log.close()
+  output = open(procs[1 - victim][1].name).read()
+  last = output.strip().splitlines()[-1]
+  assert code == 1, output[-3000:]
+  assert took < 30, took  # JAX's own heartbeat timeout would be 35 s here, its default 100 s.
+  assert last.startswith('cm_jax.train: error: ') and re.search(r'resumes from step \d+', last), last
+  assert ('process 1' if victim == 1 else 'process 0') in last, last
+  assert 'Fatal Python error' not in output and 'Check failure' not in output, output[-3000:]

@@ -25,6 +25,7 @@ from PIL import Image
 
 from cm_jax.data import transforms
 from cm_jax.data.dataset import DataUnavailableError
+from cm_jax.runtime import errors
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 SPLITS = ('train',)
@@ -133,7 +134,12 @@ def list_folder(manual_dir: Optional[str], class_map: Optional[str]) -> Listing:
       rel = os.path.relpath(path, root)
       files.append(rel)
       labels.append(label)
-      records.append((rel, os.path.getsize(path), label))
+      try:
+        size = os.path.getsize(path)
+      except OSError as e:  # A broken or looping symbolic link, a file that vanished, no permission.
+        raise errors.InputFileError(f'data.manual_dir = {root}: cannot read {path} ({e.strerror or e}); remove '
+                                    'or fix that file (a broken or looping link?), then run again.') from None
+      records.append((rel, size, label))
   if not files:
     raise ValueError(f'No JPEG/PNG images ({"/".join(IMAGE_EXTENSIONS)}) in the class folders of '
                      f'data.manual_dir = {root}.')

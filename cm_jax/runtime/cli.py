@@ -7,7 +7,9 @@
   `cm_jax.sample: error: ...`, and exit code 2 (usage) or 1 (failure); --verbose adds the traceback.
   Errors that cm_jax itself raises about its input (ValueError, FileNotFoundError, FloatingPointError from
   cm_jax's own code) count as user errors too; anything raised elsewhere is a bug and keeps its traceback.
-- A second Ctrl-C (the first one stops training cleanly, see multihost.StopSignal) exits 130 with one line.
+- A second Ctrl-C (the first one stops training cleanly, see multihost.StopSignal) exits 130 with one line; the
+  other tools stop at the first. SIGINT works even when the tool was started with it ignored (in the background
+  of a shell script).
 - Logs: cm_jax's own INFO lines (progress, what was loaded and written) and every library's warnings show;
   library INFO lines (Orbax, TFDS, absl, TensorFlow's C++ start-up lines) only with --verbose.
 """
@@ -19,6 +21,7 @@ import difflib
 import errno
 import logging as pylogging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -82,6 +85,12 @@ def run(main: Callable[[list[str]], None], define_flags: Optional[Callable[[], N
 def _run_main(main: Callable[[list[str]], None], argv: list[str], xla_note: str = '') -> None:
   verbose = FLAGS.verbose
   configure_logging(verbose)
+  if 'seed' in FLAGS and FLAGS.seed is not None and not 0 <= FLAGS.seed < 2 ** 63:
+    fail(f'--seed={FLAGS.seed} is out of range: a seed is an integer from 0 to 2**63 - 1.', errors.USAGE)
+  if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # Started in the background by a shell script, the process inherits SIGINT as ignored: `kill -INT` must
+    # stop it all the same, as Ctrl-C does (the trainer installs its own handler on top of this one).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   if xla_note:
     logging.info('%s', xla_note)
   try:
@@ -92,6 +101,12 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str], xla_note: str 
     fail('interrupted (training: a second Ctrl-C stops at once, without saving; the last saved checkpoint is '
          'kept).' if program_name() == 'cm_jax.train' else 'interrupted.', 130, at_once=True)
   except Exception as e:  # pylint: disable=broad-except
+    lost = _lost_peer_reason(e)
+    if lost:  # Without jax.distributed's shutdown, which would wait for the lost process, then abort.
+      if verbose:
+        traceback.print_exc()
+      from cm_jax.runtime import multihost  # pylint: disable=g-import-not-at-top
+      multihost.lost_process_exit(lost)
     code = user_error_code(e)
     if code is None:
       raise
@@ -115,6 +130,13 @@ def fail(message: str, code: int, at_once: bool = False) -> None:
   if at_once and not _distributed():  # A multi-process run shuts jax.distributed down at exit: let it.
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
+
+
+def _lost_peer_reason(e: BaseException) -> Optional[str]:
+  if not _distributed():
+    return None
+  from cm_jax.runtime import multihost  # pylint: disable=g-import-not-at-top
+  return multihost.lost_peer_reason(e)
 
 
 def _distributed() -> bool:
@@ -225,7 +247,22 @@ def _config_attribute_error(e: Exception, argv: Sequence[str], config_path: str)
   if 'get_config' in message:
     return (f'--config={config_path} defines no get_config(); a config file defines get_config() returning an '
             'ml_collections.ConfigDict (start from cm_jax.configs.default.get_config()).')
+  problem = _structure_problem_of_file(config_path)
+  if problem:  # Overrides failed because get_config() returned no config at all: say that, not the symptom.
+    return f'--config={config_path}: {problem}'
   return f'--config={config_path} {_config_overrides(argv)}: {type(e).__name__}: {one_line(message)}'
+
+
+def _structure_problem_of_file(config_path: str) -> Optional[str]:
+  """config_structure_problem of what the config file's get_config() returns (None if that cannot be run)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.spec_from_file_location('_cm_jax_config_check', config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return config_structure_problem(module.get_config())
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def suggest_field(field: str) -> str:
@@ -434,13 +471,24 @@ def _unwritable_dir_reason(path: str) -> Optional[str]:
     return e.strerror or str(e)
   if os.path.exists(path):
     return 'not a directory'
-  parent = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  missing = [os.path.abspath(path)]
+  while not os.path.exists(os.path.dirname(missing[-1])):
+    missing.append(os.path.dirname(missing[-1]))
+  parent = os.path.dirname(missing[-1])
   if not os.path.isdir(parent):
     return f'{parent} is not a directory'
   if not os.access(parent, os.W_OK | os.X_OK):
     return f'cannot create it in {parent}'
+  try:  # Some file systems refuse what access() allows (/proc, /sys, read-only mounts): try, then undo.
+    os.makedirs(missing[0])
+  except OSError as e:
+    return f'cannot create {e.filename or missing[0]}: {e.strerror or e}'
+  finally:
+    for folder in missing:  # Deepest first; nothing of this check is left behind.
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
   return None
 
 

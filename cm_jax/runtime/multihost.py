@@ -10,6 +10,7 @@ a request to stop at a step that every process agrees on, so that they all save 
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 from typing import Callable, Optional, TypeVar
@@ -18,6 +19,8 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
+
+from cm_jax.runtime import errors
 
 T = TypeVar('T')
 
@@ -42,8 +45,16 @@ def detected_cluster() -> Optional[tuple[str, int]]:
   return None
 
 
+# A process that stops (kill -9, a vanished VM) is noticed by the others' watchdog after LOST_PROCESS_S; JAX's
+# own heartbeat timeout, which ends a process with a fatal C++ error instead, is set HEARTBEAT_MARGIN_S later.
+LOST_PROCESS_S = 30
+HEARTBEAT_MARGIN_S = 30
+SHUTDOWN_TIMEOUT_S = 30
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None, lost_process_s: float = LOST_PROCESS_S,
+               shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
   """Starts jax.distributed when this is (or may be) one process of many; call before any device use.
 
   With all three arguments: explicit start (any machines that reach each other over TCP). With none: JAX's
@@ -73,7 +84,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     logging.info('Starting jax.distributed from the %s environment (%d processes).', name, count)
   # CPU processes talk through gloo over TCP (GPUs and TPUs use their own interconnect).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=int(lost_process_s + HEARTBEAT_MARGIN_S),
+                             shutdown_timeout_seconds=int(shutdown_timeout_s))
+  Watchdog(lost_process_s).start()
   # jax.distributed catches SIGTERM for its own preemption service, which cm_jax does not use (StopSignal
   # agrees on a stop step itself): give SIGTERM back its usual effect, so `kill` and `scancel` stop a CLI.
   if threading.current_thread() is threading.main_thread():
@@ -88,13 +102,19 @@ def define_flags() -> None:
                       'process 0, the same on every process (e.g. 10.0.0.1:8476).')
   flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes (one per host or per GPU).')
   flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index in [0, --num_processes).')
+  flags.DEFINE_float('lost_process_timeout', LOST_PROCESS_S, 'Multi-process runs: seconds without a sign of life '
+                     'from another process (killed, preempted, its host gone) before every other process stops with '
+                     'one line naming it; JAX\'s heartbeat timeout is set %d s later.' % HEARTBEAT_MARGIN_S,
+                     lower_bound=1.0)
+  flags.DEFINE_integer('shutdown_timeout', SHUTDOWN_TIMEOUT_S, 'Multi-process runs: seconds a finishing process '
+                       'waits for the others at the end (jax.distributed\'s shutdown barrier).', lower_bound=1)
 
 
 def initialize_from_flags() -> None:
   """initialize() with the flags of define_flags(); processes other than 0 then log warnings and errors only
   (process 0 speaks for the run)."""
   f = flags.FLAGS
-  initialize(f.coordinator_address, f.num_processes, f.process_id)
+  initialize(f.coordinator_address, f.num_processes, f.process_id, f.lost_process_timeout, f.shutdown_timeout)
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)
 
@@ -123,6 +143,181 @@ def process_zero_first(fn: Callable[[], T], barrier_name: str) -> T:
     return fn()
   finally:  # Also when fn fails: the others then try themselves (and fail with their own message).
     barrier(barrier_name)
+
+
+# ------------------------------------------------------------------------------------------------
+# A lost process: every other one stops within seconds, in one line, instead of hanging in a collective.
+# ------------------------------------------------------------------------------------------------
+_RESUME_ADVICE: list[Callable[[], str]] = []  # What a rerun does (set by the trainer: the step it resumes from).
+
+
+def set_resume_advice(advice: Optional[Callable[[], str]]) -> None:
+  """advice() is added to the one-line error of a lost process (e.g. 'a rerun resumes from step 40')."""
+  _RESUME_ADVICE[:] = [] if advice is None else [advice]
+
+
+def lost_process_exit(what: str) -> None:
+  """Prints `PROGRAM: error: WHAT. ADVICE` as one line and ends this process at once, exit 1: without
+  jax.distributed's shutdown, which would wait for the lost process and then abort with a C++ stack trace."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from cm_jax.runtime import cli  # pylint: disable=g-import-not-at-top
+  advice = 'Run the same command again on every host'
+  try:
+    advice += f': {_RESUME_ADVICE[0]()}' if _RESUME_ADVICE else '.'
+  except Exception:  # pylint: disable=broad-except
+    advice += '.'
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f'{cli.program_name()}: error: {cli.one_line(what)}. {advice}\n')
+  sys.stderr.flush()
+  os._exit(errors.FAILURE)  # pylint: disable=protected-access
+
+
+# Errors of a collective or of the coordination service when another process is gone.
+_LOST_PEER_PATTERNS = ('Gloo all-reduce failed', 'Gloo all-gather failed', 'Connection closed by peer',
+                       'Connection reset by peer', 'heartbeat timeout', 'stopped sending heartbeats',
+                       'Gloo', 'coordination service')
+
+
+def lost_peer_reason(e: BaseException) -> Optional[str]:
+  """A short reason if `e` says another process of this multi-process run is gone, else None."""
+  if jax.process_count() == 1:
+    return None
+  text = ' '.join(str(e).split())
+  if type(e).__name__ not in ('JaxRuntimeError', 'XlaRuntimeError') and 'heartbeat' not in text:
+    return None
+  if not any(p.lower() in text.lower() for p in _LOST_PEER_PATTERNS):
+    return None
+  other = ' (process 1)' if jax.process_index() == 0 and jax.process_count() == 2 else (
+      ' (process 0)' if jax.process_count() == 2 else '')
+  return f'another process{other} is gone (killed, preempted, or its host lost): {text[:200]}'
+
+
+class Watchdog:
+  """A thread that keeps this process's sign of life in jax.distributed's key-value store (a counter it
+  increments every second) and watches the others': when one has not moved for `timeout_s`, or the store
+  itself is gone (process 0, which serves it, is lost), this process stops with lost_process_exit."""
+
+  def __init__(self, timeout_s: float, interval_s: float = 1.0):
+    self.timeout_s, self.interval_s = timeout_s, interval_s
+
+  def start(self) -> None:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self._client = getattr(distributed.global_state, 'client', None)
+    if self._client is None or not hasattr(self._client, 'key_value_set'):
+      logging.warning('This JAX (%s) exposes no key-value store: a lost process is noticed only after JAX\'s '
+                      'heartbeat timeout.', jax.__version__)
+      return
+    self._me, self._count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    # Stopped before jax.distributed's own shutdown (atexit runs the last registered first): past the shutdown
+    # barrier, process 0 closes the key-value store while the others may still be exiting.
+    atexit.register(self._stop.set)
+    threading.Thread(target=self._run, name='cm_jax_watchdog', daemon=True).start()
+
+  def _run(self) -> None:
+    import time  # pylint: disable=g-import-not-at-top
+    beats = 0
+    seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
+    while not self._stop.is_set():
+      try:
+        beats += 1
+        self._client.key_value_set(f'cm_jax/alive/{self._me}', str(beats), allow_overwrite=True)
+        now = time.monotonic()
+        for p, (value, since) in seen.items():
+          current = self._client.key_value_try_get(f'cm_jax/alive/{p}')
+          if current != value:
+            seen[p] = (current, now)
+          elif now - since > self.timeout_s:
+            lost_process_exit(f'process {p} of {self._count} stopped responding (no sign of life for '
+                              f'{now - since:.0f} s, --lost_process_timeout={self.timeout_s:g}: killed, preempted, '
+                              'or its host lost)')
+      except Exception as e:  # pylint: disable=broad-except
+        if 'NOT_FOUND' in str(e):  # Not yet written by a process still starting: no news yet.
+          pass
+        elif not self._stop.is_set():
+          lost_process_exit(f'lost contact with process 0, which coordinates this run ({" ".join(str(e).split())[:160]})')
+      self._stop.wait(self.interval_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decisions every process shares: no process waits in a collective for one that has stopped.
+# ------------------------------------------------------------------------------------------------
+_MESSAGE_BYTES = 2000  # Of an error message sent to the other processes (longer ones are cut).
+
+
+class ErrorOnAnotherProcess(errors.UserError):
+  """What the other processes raise when one failed: its one-line message, exit code and kind."""
+
+  def __init__(self, process: int, message: str, exit_code: int, kind: int):
+    super().__init__(message)
+    self.process, self.exit_code, self.kind = process, exit_code, kind
+
+
+def _exit_code(e: BaseException) -> int:
+  return getattr(e, 'exit_code', errors.FAILURE) if isinstance(e, errors.UserError) else errors.FAILURE
+
+
+def _worst(failures: list[tuple[int, int, int, str]]) -> Optional[tuple[int, int, int, str]]:
+  """The failure (process, kind, exit code, message) of the highest kind, the lowest process among those."""
+  return min(failures, key=lambda f: (-f[1], f[0])) if failures else None
+
+
+def _gather_failures(error: Optional[BaseException], kind: int) -> list[tuple[int, int, int, str]]:
+  """Every process's (process, kind, exit code, message) for those that failed; the same list everywhere."""
+  record = np.zeros(3 * 4 + _MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    text = (' '.join(str(error).split()) or type(error).__name__)
+    if not isinstance(error, errors.UserError):
+      text = f'{type(error).__name__}: {text}'
+    encoded = text.encode()[:_MESSAGE_BYTES]
+    record[:12] = np.array([1, kind, _exit_code(error)], np.int32).view(np.uint8)
+    record[12:12 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = np.asarray(multihost_utils.process_allgather(record)).reshape(jax.process_count(), -1)
+  failures = []
+  for process, row in enumerate(gathered):
+    failed, row_kind, code = (int(v) for v in row[:12].view(np.int32))
+    if failed:
+      failures.append((process, row_kind, code, bytes(row[12:]).rstrip(b'\0').decode(errors='replace')))
+  return failures
+
+
+def agreed(fn: Callable[[], T], kind_of: Callable[[BaseException], int] = lambda e: 1,
+           processes: str = 'all') -> Optional[T]:
+  """fn() on every process (processes='all') or on process 0 alone ('zero'), then one shared outcome.
+
+  When fn fails anywhere, every process raises: the failing process its own error (traceback kept), the
+  others ErrorOnAnotherProcess with that error's one-line message and exit code, so they end with the same
+  line instead of waiting in the next collective for a process that has stopped. `kind_of` ranks errors
+  (e.g. 1: a damaged file to skip, 2: an error to stop on): the highest kind decides for everyone, so no
+  process skips what another stops on. Returns fn()'s result (None on the processes that did not run it).
+  With one process, simply fn().
+  """
+  if jax.process_count() == 1:
+    return fn()
+  result, error, kind = None, None, 0
+  if processes == 'all' or jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      error, kind = e, kind_of(e)
+  worst = _worst(_gather_failures(error, kind))
+  if worst is None:
+    return result
+  process, worst_kind, code, message = worst
+  if error is not None and kind == worst_kind:
+    raise error
+  if jax.process_index() != process:
+    logging.warning('Process %d failed: %s', process, message)
+  raise ErrorOnAnotherProcess(process, message, code, worst_kind)
+
+
+def on_process_zero(fn: Callable[[], T]) -> Optional[T]:
+  """fn() on process 0 only (a check or a write of a shared file); if it fails, every process raises the same
+  one-line error (see `agreed`). Returns fn()'s result on process 0, None on the others."""
+  return agreed(fn, processes='zero')
 
 
 # ------------------------------------------------------------------------------------------------

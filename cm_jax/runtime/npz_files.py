@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
+import zipfile
 
 import numpy as np
 
 from cm_jax.runtime import errors
 from cm_jax.runtime import paths
 
-IMAGE_KEYS = ('arr_0', 'samples')  # The array to read among several (numpy.savez's first, cm_jax.sample's).
+IMAGE_KEYS = ('arr_0', 'samples')
+ZIP_MAGIC, EMPTY_ZIP_MAGIC = b'PK\x03\x04', b'PK\x05\x06'  # The array to read among several (numpy.savez's first, cm_jax.sample's).
 
 
 def read_images(path: str, flag: str) -> np.ndarray:
@@ -22,13 +25,19 @@ def read_images(path: str, flag: str) -> np.ndarray:
   where = f'{flag}={path}'
   if not paths.exists(path):
     raise errors.InputFileError(f'{where}: no such file.')
+  data = paths.read_bytes(path)
+  if not data.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC)):
+    what = 'a single .npy array' if data.startswith(b'\x93NUMPY') else f'its first bytes are {data[:12]!r}'
+    raise errors.InputFileError(f'{where}: not an .npz file ({what}; an .npz is a zip archive); write it with '
+                                'numpy.savez (uint8 images, as cm_jax.sample does).')
   try:
-    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
       names = list(f.keys())
       key = names[0] if len(names) == 1 else next((k for k in IMAGE_KEYS if k in names), None)
       if key is None:
         raise errors.InputFileError(f'{where}: holds arrays {names}; expected one array, or one named '
                                     f"{' or '.join(repr(k) for k in IMAGE_KEYS)}.")
+      _check_declared_size(f.zip, key, where)  # Before numpy allocates what the header declares.
       images = f[key]
   except errors.UserError:
     raise
@@ -42,3 +51,18 @@ def read_images(path: str, flag: str) -> np.ndarray:
   if 0 in images.shape:
     raise errors.InputFileError(f"{where}: array '{key}' has shape {images.shape}: no images in it.")
   return images[..., None] if images.ndim == 3 else images
+
+
+def _check_declared_size(archive: zipfile.ZipFile, key: str, where: str) -> None:
+  """Raises errors.InputFileError when the header of array `key` declares more bytes than the archive member
+  holds (a damaged or forged header would otherwise make numpy allocate, say, terabytes first)."""
+  info = archive.getinfo(key + '.npy')
+  with archive.open(info) as member:
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(member, max_header_size=10000)
+  declared = math.prod(shape) * dtype.itemsize
+  if declared > info.file_size:
+    raise errors.InputFileError(f"{where}: array '{key}' declares shape {shape} of {dtype} ({declared:,} bytes), "
+                                f'but the file holds {info.file_size:,}: it is damaged. Write it again with '
+                                'numpy.savez.')

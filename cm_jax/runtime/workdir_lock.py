@@ -22,10 +22,9 @@ from typing import Callable, Optional
 
 from absl import logging
 from etils import epath
-import jax
-import numpy as np
 
 from cm_jax.runtime import errors
+from cm_jax.runtime import multihost
 from cm_jax.runtime import paths
 
 LOCK_NAME = 'LOCK.json'
@@ -104,6 +103,15 @@ class WorkdirLock:
       return f'no heartbeat for {age:.0f} s'
     return None
 
+  def _takeover_advice(self, holder: dict) -> str:
+    """When the lock of a run that is gone frees itself, and the command that frees it now."""
+    left = max(0.0, self.stale_s - (self.clock() - float(holder.get('heartbeat', 0))))
+    remove = (f'gcloud storage rm {self.path}' if paths.is_remote(self.path) else f'rm {self.path}')
+    elsewhere = holder.get('host') != socket.gethostname()
+    return (f'If that run is gone{" (its host " + str(holder.get("host")) + " stopped or was recreated)" if elsewhere else ""}, '
+            f'its lock is taken over automatically {self.stale_s:.0f} s after its last heartbeat (in {left:.0f} s); '
+            f'to take over at once, run `{remove}` and start again.')
+
   def _describe(self, holder: dict) -> str:
     started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(holder.get('started', 0))))
     return (f'host {holder.get("host")}, pid {holder.get("pid")}, started {started}, last heartbeat '
@@ -126,7 +134,7 @@ class WorkdirLock:
       if reason is None:
         raise WorkdirBusyError(
             f'{self.path.parent} is in use by another run ({self._describe(holder)}). Wait for it to end, stop '
-            f'it, or use another --workdir. If that run is dead, delete {self.path}.')
+            f'it, or use another --workdir. {self._takeover_advice(holder)}')
       logging.warning('Taking over the lock %s of a run that stopped without releasing it (%s).', self.path,
                       reason)
       try:
@@ -164,19 +172,8 @@ class WorkdirLock:
 
   # ----------------------------------------------------------------------------------------------
   def __enter__(self) -> 'WorkdirLock':
-    error = None
-    if jax.process_index() == 0:
-      try:
-        self.acquire()
-      except WorkdirBusyError as e:
-        error = e
-    if jax.process_count() > 1:  # Everyone learns whether process 0 got the lock.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      got = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-      if not got and error is None:
-        error = WorkdirBusyError(f'{self.path.parent} is in use by another run (see process 0\'s message).')
-    if error is not None:
-      raise error
+    # Process 0 takes the lock; every process ends with its error if that fails (busy, unwritable, ...).
+    multihost.on_process_zero(self.acquire)
     if self._held:
       self._thread = threading.Thread(target=self._beat, name='cm_jax_workdir_lock', daemon=True)
       self._thread.start()
