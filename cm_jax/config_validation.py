@@ -32,7 +32,7 @@ CHOICES = {
     'optim.name': ('adam', 'radam'),
     'optim.decay': ('constant', 'cosine'),
     'evaluation.feature_net': ('auto', 'classifier', 'inception'),
-    'evaluation.reference_split': ('train', 'test'),
+    'evaluation.reference_split': ('auto', 'train', 'test'),
 }
 
 
@@ -200,8 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     _require(dc.class_map is None, 'data.class_map', f"is for data.name = 'image_folder', not {dc.name!r}.")
   if mc.class_conditional:
-    _require(mc.num_classes >= 2, 'model.num_classes',
-             f'a class-conditional model needs the number of classes (>= 2), got {mc.num_classes}.')
+    _require(mc.num_classes == 0 or mc.num_classes >= 2, 'model.num_classes',
+             f'a class-conditional model needs the number of classes (>= 2; 0: the data\'s), got {mc.num_classes}.')
   size = catalog.image_shape(dc)[0]
   _require(mc.patch_size >= 1, 'model.patch_size', f'must be >= 1 (1: no patches), got {mc.patch_size}.')
   _require(size % mc.patch_size == 0, 'model.patch_size',
@@ -222,16 +222,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(ev.every >= 0, 'evaluation.every', f'must be >= 0 (0: no in-training evaluation), got {ev.every}.')
   if ev.every:
     if config.data.name == 'image_folder':
-      _require(ev.reference_split == 'train', 'evaluation.reference_split',
+      _require(ev.reference_split != 'test', 'evaluation.reference_split',
                "an image folder has only a 'train' split: set --config.evaluation.reference_split=train.")
     _require(ev.num_samples >= 2, 'evaluation.num_samples', f'must be >= 2, got {ev.num_samples}.')
   for field in ('batch_size', 'pr_k', 'classifier_steps', 'classifier_batch_size'):
     _require(ev[field] >= 1, f'evaluation.{field}', f'must be >= 1, got {ev[field]}.')
   _require(ev.num_reference >= 0, 'evaluation.num_reference', 'must be >= 0 (0: the whole split).')
   _require(ev.classifier_lr > 0, 'evaluation.classifier_lr', 'must be > 0.')
-  if ev.feature_net == 'classifier':
-    _require(config.data.name in ('mnist', 'fashion_mnist'), 'evaluation.feature_net',
-             f"'classifier' is trained for the MNIST family, not {config.data.name!r}; use 'inception'.")
+  if ev.feature_net == 'classifier':  # Trained on the labelled train split, held in memory.
+    _require(config.data.name in MNIST_FAMILY or config.data.get('storage', 'memory') == 'memory',
+             'evaluation.feature_net', f"'classifier' trains on the whole {config.data.name!r} train split in "
+             "host memory; set --config.data.storage=memory, or use 'inception'.")
   _require(config.optim.warmup_steps >= 0 and config.optim.grad_clip >= 0, 'optim.warmup_steps',
            'warmup_steps and grad_clip must be >= 0.')
 

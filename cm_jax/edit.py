@@ -20,7 +20,6 @@ The same seed, checkpoint and flags give the same images; image i depends only o
 from __future__ import annotations
 
 import functools
-import glob
 import os
 from typing import Optional, Sequence
 
@@ -36,6 +35,8 @@ from cm_jax import samplers
 from cm_jax.core import denoiser as denoiser_lib
 from cm_jax.core import editing
 from cm_jax.core import sampling
+from cm_jax.data import transforms
+from cm_jax.data.image_folder import IMAGE_EXTENSIONS
 from cm_jax.runtime import cli
 from cm_jax.runtime import device_map
 from cm_jax.runtime import errors
@@ -56,8 +57,9 @@ def define_flags() -> None:
   multihost.define_flags()
   flags.DEFINE_string('workdir', None, 'Run directory of a consistency model (CT, CD or ECT).', required=True)
   flags.DEFINE_enum('task', None, list(TASKS), 'Editing task.', required=True)
-  flags.DEFINE_string('input', None, 'Clean images (.npz, .png or a directory of PNGs); the stroke painting '
-                      "for 'stroke'; not used by 'interpolate'.")
+  flags.DEFINE_string('input', None, 'Clean images (.npz, a PNG or JPEG, or a directory of them; converted and '
+                      "resized as the trainer reads images); the stroke painting for 'stroke'; not used by "
+                      "'interpolate'.")
   flags.DEFINE_string('out', None, 'Output directory for <task>.npz and <task>.png.', required=True)
   flags.DEFINE_string('mask', 'center', f"inpaint: one of {', '.join(editing.MASKS)}, or a PNG of the image "
                       'size whose white (>= 128) pixels are missing.')
@@ -71,21 +73,13 @@ def define_flags() -> None:
   flags.DEFINE_string('ema', None, "Sampling EMA rate to use (default: the run's first), or 'online'.")
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_integer('batch_size', 64, 'Images per device call.')
-  flags.DEFINE_integer('class_label', None, 'Class-conditional models (required there): the class the images are '
-                       'edited as.')
+  flags.DEFINE_integer('class_label', None, 'Class-conditional models: the class the images are edited as '
+                       "(default: one label per image from an --input .npz's 'arr_1', as cm_jax.sample saves them).")
 
 
 # --------------------------------------------------------------------------------------------------
 # Input
 # --------------------------------------------------------------------------------------------------
-def _png(path: str) -> np.ndarray:
-  with open_image(path, '--input') as img:
-    if img.mode not in ('L', 'RGB'):
-      raise errors.InputFileError(f'{path}: PNG mode {img.mode!r}; save it as grayscale (L) or RGB.')
-    arr = np.asarray(img)
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
 def open_image(path: str, flag: str) -> Image.Image:
   """PIL image of `path`; a missing or undecodable file is an InputFileError naming `flag` and the file."""
   if not os.path.isfile(path):
@@ -94,33 +88,79 @@ def open_image(path: str, flag: str) -> Image.Image:
     img = Image.open(path)
     img.load()
     return img
-  except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
-    raise errors.InputFileError(f'{flag}={path} is not a readable image ({one_line_reason(e)}); give a PNG '
-                                'file.') from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError.
+    raise errors.InputFileError(f'{flag}={path} is not a readable image ({one_line_reason(e)}); give a PNG or '
+                                'JPEG file.') from None
 
 
 def one_line_reason(e: Exception) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
-def load_images(path: str) -> np.ndarray:
-  """uint8 (N, H, W, C) from an .npz (key 'arr_0' or its only key), a PNG, or a directory of PNGs."""
+def _image_array(img: Image.Image) -> np.ndarray:
+  """uint8 (H, W, C) of a PIL image as stored: C = 1 (grayscale), 2 (grayscale + alpha), 3 or 4 (RGBA)."""
+  if img.mode in transforms.WIDE_GRAY_MODES:  # 16-bit grayscale: scaled, not clipped to white.
+    return transforms.wide_gray_to_uint8(img)[..., None]
+  if img.mode not in ('L', 'LA', 'RGB', 'RGBA'):
+    img = img.convert('RGBA' if img.mode == 'P' and 'transparency' in img.info else 'RGB')
+  arr = np.asarray(img, np.uint8)
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_images(path: str) -> np.ndarray | list[np.ndarray]:
+  """uint8 images as stored in `path`: an .npz ((N, H, W, C) array, key 'arr_0' or its only key), one PNG or
+  JPEG file, or a directory of them (a list, sizes and channels may differ). fit_to_model makes them the
+  model's shape."""
   if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, '*.png')))
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
     if not files:
-      raise errors.InputFileError(f'--input={path} is a directory without .png files.')
-    arrays = [_png(f) for f in files]
-    if len({a.shape for a in arrays}) > 1:
-      raise errors.InputFileError(f'The PNGs in --input={path} have different shapes: '
-                                  f'{sorted({a.shape for a in arrays})}; give images of one size.')
-    return np.stack(arrays)
-  if path.endswith('.png'):
-    return _png(path)[None]
+      raise errors.InputFileError(f'--input={path} is a directory without image files '
+                                  f'({"/".join(IMAGE_EXTENSIONS)}).')
+    out = []
+    for f in files:
+      with open_image(f, '--input') as img:
+        out.append(_image_array(img))
+    return out
+  if path.lower().endswith(IMAGE_EXTENSIONS):
+    with open_image(path, '--input') as img:
+      return _image_array(img)[None]
   if path.endswith('.npz'):
     return npz_files.read_images(path, '--input')
   if not os.path.exists(path):
     raise errors.InputFileError(f'--input={path}: no such file or directory.')
-  raise errors.UsageError(f'--input={path}: expected an .npz file, a .png file or a directory of PNGs.')
+  raise errors.UsageError(f'--input={path}: expected an .npz file, a PNG or JPEG file, or a directory of them.')
+
+
+def fit_to_model(images: np.ndarray | list[np.ndarray], image_shape: tuple[int, int, int],
+                 what: str = 'input') -> np.ndarray:
+  """uint8 (N, H, W, C) of the model's shape, as the trainer reads image files: alpha dropped, grayscale
+  replicated for an RGB model, other sizes centre-cropped to a square and resized (transforms.resize_square).
+  Prints one line per conversion made. An RGB image for a grayscale model is refused: which gray it should
+  be is not ours to guess."""
+  h, w, c = image_shape
+  notes, out = set(), []
+  for image in images:
+    channels = image.shape[-1]
+    if channels in (2, 4):
+      image, channels = image[..., :channels - 1], channels - 1
+      notes.add('dropped the alpha channel')
+    if channels == 3 and c == 1:
+      raise ValueError(f'The {what} images are RGB and the model makes grayscale images; convert them to '
+                       'grayscale first (an RGB input for a grayscale model is not converted silently).')
+    if channels == 1 and c == 3:
+      image = np.repeat(image, 3, axis=-1)
+      notes.add('replicated the gray channel to RGB')
+    if image.shape[:2] != (h, w):
+      notes.add(f'centre-cropped and resized {image.shape[1]}x{image.shape[0]} to {w}x{h}')
+      square = Image.fromarray(np.ascontiguousarray(transforms.center_crop_square(image)).squeeze(-1) if c == 1 else
+                               np.ascontiguousarray(transforms.center_crop_square(image)))
+      resized = np.asarray(transforms.resize_square(square, h) if h == w else square.resize((w, h)), np.uint8)
+      image = resized[..., None] if resized.ndim == 2 else resized
+    out.append(image)
+  for note in sorted(notes):
+    print(f'The {what} images: {note} (as the trainer reads image files).')
+  return np.stack(out)
 
 
 def match_model(images_NHWC: np.ndarray, image_shape: tuple[int, int, int], what: str = 'input') -> np.ndarray:
@@ -169,12 +209,13 @@ def default_times(task: str, first: float, sigma_max: float) -> tuple[float, ...
 def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.ndarray], *, mask: str = 'center',
              factor: int = 2, sigma: float = 0.5, ts: Optional[Sequence[float]] = None, seed: int = 0,
              num: int = 16, alphas: int = 8, batch_size: int = 64,
-             class_label: Optional[int] = None) -> dict[str, np.ndarray]:
+             class_label: Optional[int | np.ndarray] = None) -> dict[str, np.ndarray]:
   """Degrades clean images (model-shaped uint8) and edits them; returns uint8 'original', 'degraded', 'result'
   ('interpolate': only 'result', (num, alphas, H, W, C)). Image i depends only on (seed, i).
 
-  class_label: the class every network call is conditioned on; required for a class-conditional model, which
-  edits all images as that class, and refused for an unconditional one."""
+  class_label: the class the network calls are conditioned on, one for all images (an int) or one per image (an
+  array, e.g. the labels cm_jax.sample saved beside the images); required for a class-conditional model and
+  refused for an unconditional one."""
   if model.is_diffusion_model:
     raise ValueError(f'This run is an EDM diffusion model (loss.name = {model.config.loss.name!r}); zero-shot '
                      'editing needs a consistency model, whose f(x, t) maps any noise level to an image in one '
@@ -199,10 +240,14 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   seed_key = jax.random.PRNGKey(seed)
   edit_seed, degrade_seed = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
 
-  model.labels(1, labels=class_label)  # Checks class_label against the model (range, conditional or not).
   if model.num_classes and class_label is None:
     raise ValueError(f'This model is class-conditional ({model.num_classes} classes): pass --class_label=K, the '
-                     'class of the images to edit.')
+                     "class of the images to edit (or give an .npz whose 'arr_1' holds one label per image).")
+  per_image = class_label is not None and np.ndim(class_label) == 1
+  if not per_image:  # Checks class_label against the model (range, conditional or not).
+    model.labels(1, labels=class_label)
+  elif task == 'interpolate':
+    raise ValueError('interpolate takes one --class_label for all noise pairs, not one per image.')
 
   # Each batch is split over every device of every process, the parameters replicated (as in sampling).
   mesh = sharding.make_mesh()
@@ -212,10 +257,12 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
   def keys_of(seed_key, start, count):  # Keys of examples start, ..., start + count - 1, split over the mesh.
     return sharding.shard_batch(sampling.example_keys(seed_key, start, count), mesh)
 
-  def f(params):
+  def f(params, labels_B=None):
     if class_label is None:
       return functools.partial(model.denoiser, params)
-    return lambda x, sigma: model.denoiser(params, x, sigma, labels_B=jnp.full(x.shape[:1], class_label, jnp.int32))
+    if labels_B is None:
+      labels_B = jnp.full((1,), class_label, jnp.int32)
+    return lambda x, sigma: model.denoiser(params, x, sigma, labels_B=jnp.broadcast_to(labels_B, x.shape[:1]))
 
   if task == 'interpolate':
     alphas_A = jnp.linspace(0.0, 1.0, alphas)
@@ -237,6 +284,12 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     raise ValueError(f'--task={task} needs --input images.')
   clean_uint8 = match_model(clean_uint8, model.image_shape, 'stroke' if task == 'stroke' else 'input')[:num]
   num = len(clean_uint8)
+  if per_image:
+    if len(class_label) < num:
+      raise ValueError(f'{len(class_label)} class labels for {num} images; give one per image.')
+    labels_N = model.labels(num, labels=np.asarray(class_label)[:num])
+  else:
+    labels_N = np.full((num,), 0 if class_label is None else class_label, np.int32)
   x_clean = input_pipeline.to_model_range(clean_uint8)
   if task == 'inpaint':
     m = load_mask(mask, model.image_shape)
@@ -261,10 +314,11 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     degraded = x_clean + np.float32(sigma) * noise
     edit_fn = lambda fn, x, keys: editing.denoise(fn, x, sigma, **bounds, clip=clip)
 
-  run = jax.jit(lambda params, x, keys: edit_fn(f(params), x, keys), in_shardings=(replicated, batch, batch),
-                out_shardings=batch)
-  result = device_map.map_batches(lambda start, x: run(params, x, keys_of(edit_seed, start, len(x))),
-                                [np.asarray(degraded, np.float32)], num, batch_size, mesh,
+  run = jax.jit(lambda params, x, keys, labels_B: edit_fn(f(params, labels_B), x, keys),
+                in_shardings=(replicated, batch, batch, batch), out_shardings=batch)
+  result = device_map.map_batches(lambda start, x, labels_B: run(params, x, keys_of(edit_seed, start, len(x)),
+                                                                 labels_B),
+                                [np.asarray(degraded, np.float32), labels_N], num, batch_size, mesh,
                                 progress_label=f'Editing ({task})')
   return {'original': clean_uint8, 'degraded': input_pipeline.to_uint8(degraded),
           'result': input_pipeline.to_uint8(result)}
@@ -310,10 +364,17 @@ def main(argv):
     cli.check_fits_in_memory(FLAGS.num * FLAGS.alphas * int(np.prod(model.image_shape)) * 5,
                              f'--num={FLAGS.num} pairs x --alphas={FLAGS.alphas}', 'lower --num or --alphas.')
   try:
-    clean = None if FLAGS.task == 'interpolate' else load_images(FLAGS.input)
+    clean, class_label = None, FLAGS.class_label
+    if FLAGS.task != 'interpolate':
+      clean = fit_to_model(load_images(FLAGS.input), model.image_shape,
+                           'stroke' if FLAGS.task == 'stroke' else 'input')
+      if class_label is None and model.num_classes and FLAGS.input.endswith('.npz'):
+        class_label = npz_files.read_labels(FLAGS.input, '--input', len(clean))
+        if class_label is not None:
+          print(f"Editing each image as its class in {FLAGS.input}'s 'arr_1'.")
     arrays = run_task(model, FLAGS.task, clean, mask=FLAGS.mask, factor=FLAGS.factor, sigma=FLAGS.sigma,
                       ts=times, seed=FLAGS.seed, num=FLAGS.num, alphas=FLAGS.alphas, batch_size=FLAGS.batch_size,
-                      class_label=FLAGS.class_label)
+                      class_label=class_label)
   except errors.UserError:
     raise
   except ValueError as e:

@@ -9,6 +9,7 @@ starting again in a workdir that holds a checkpoint resumes from it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import time
@@ -82,6 +83,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   # Input: the batch of step k is a function of (seed, k); each process reads its rows (in memory or streamed
   # from disk, data.storage) while the previous step computes. Labels only for class-conditional models.
   # ----------------------------------------------------------------------------------------------
+  config = resolve_num_classes(config)
   train_data = load_train_data(config)
   image_shape = tuple(train_data.image_shape)
   with contextlib.ExitStack() as stack:
@@ -233,10 +235,21 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
     manager.close()
 
 
+def resolve_num_classes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A class-conditional config with model.num_classes = 0 gets the training data's number of classes (a copy;
+  the checkpoints record the number)."""
+  if not (config.model.class_conditional and config.model.num_classes == 0):
+    return config
+  resolved = copy.deepcopy(config)
+  resolved.model.num_classes = input_pipeline.num_classes(config.data)
+  logging.info('model.num_classes = %d, from the %s training data.', resolved.model.num_classes, config.data.name)
+  return resolved
+
+
 def load_train_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
   """The train split (with labels for a class-conditional model), checked against the model and batch size."""
   class_conditional = config.model.class_conditional
-  if class_conditional:  # Before reading any pixels.
+  if class_conditional:  # Before reading any pixels (_train has resolved num_classes = 0 to the data's).
     config_validation.validate_num_classes(config.model.num_classes, input_pipeline.num_classes(config.data),
                                            config.data.name)
   train_data = multihost.process_zero_first(  # Process 0 downloads (if it must) before the others read.

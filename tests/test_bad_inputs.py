@@ -154,8 +154,8 @@ def _cases():
            1, ('text.npz', 'not an .npz')),
       Case('edit_input_float_npz', 'edit', [run, '--task=inpaint', '--input={tmp}/floats.npz', '--out={tmp}/edit'],
            1, ('floats.npz', 'uint8')),
-      Case('edit_input_wrong_size', 'edit', [run, '--task=inpaint', '--input={tmp}/small.npz', '--out={tmp}/edit'],
-           2, ('16x16', '28x28')),
+      Case('edit_input_rgb_for_a_gray_model', 'edit', [run, '--task=inpaint', '--input={tmp}/rgb.npz',
+                                                       '--out={tmp}/edit'], 2, ('RGB', 'grayscale')),
       Case('edit_mask_missing', 'edit', [run, '--task=inpaint', '--input={tmp}/images.npz',
                                          '--mask={tmp}/missing_mask.png', '--out={tmp}/edit'], 1,
            ('--mask', 'missing_mask.png')),
@@ -227,7 +227,7 @@ def _write_inputs(tmp: str) -> None:
   np.savez(os.path.join(tmp, 'empty.npz'), np.zeros((0, 28, 28), np.uint8))
   np.savez(os.path.join(tmp, 'objects.npz'), np.array([{'a': 1}], dtype=object))
   np.savez(os.path.join(tmp, 'floats.npz'), rng.random((2, 28, 28)).astype(np.float32))
-  np.savez(os.path.join(tmp, 'small.npz'), rng.integers(0, 255, (2, 16, 16), dtype=np.uint8))
+  np.savez(os.path.join(tmp, 'rgb.npz'), rng.integers(0, 255, (2, 28, 28, 3), dtype=np.uint8))
   np.savez(os.path.join(tmp, 'images.npz'), rng.integers(0, 255, (2, 28, 28), dtype=np.uint8))
   np.savez(os.path.join(tmp, 'many_images.npz'), rng.integers(0, 255, (64, 28, 28), dtype=np.uint8))
   # Good outputs of an earlier run, which a write failing for a full disk must leave as they are.

@@ -70,10 +70,12 @@ def test_class_map_merges_folders_and_leaves_others_out(tree, tmp_path):
   cfg = _config(tree, class_map=_write_map(tmp_path, {'cat': 1, 'dog': 1, 'fish': 0}))
   _, labels = ip.load_labeled_images(cfg, 'train')
   assert labels.tolist() == [1, 1, 1, 1, 0] and ip.num_classes(cfg) == 2
-  only_fish = _config(tree, class_map=_write_map(tmp_path, {'fish': 3}))
+  only_fish = _config(tree, class_map=_write_map(tmp_path, {'fish': 0}))
   images, labels = ip.load_labeled_images(only_fish, 'train')
-  assert len(images) == 1 and labels.tolist() == [3] and ip.num_classes(only_fish) == 4
-  assert ip.load_dataset(only_fish, 'train', with_labels=True).num_classes == 4
+  assert len(images) == 1 and labels.tolist() == [0] and ip.num_classes(only_fish) == 1
+  assert ip.load_dataset(only_fish, 'train', with_labels=True).num_classes == 1
+  with pytest.raises(ValueError, match=r'leaves label\(s\) \[0, 1, 2\]'):  # Labels 0-2 would never be trained.
+    ip.num_classes(_config(tree, class_map=_write_map(tmp_path, {'fish': 3})))
 
 
 @pytest.mark.parametrize('with_labels', [False, True])
@@ -182,3 +184,31 @@ def test_only_a_train_split(tree):
 def test_tfds_source_is_refused(tree):
   with pytest.raises(ValueError, match='source=auto'):
     ip.load_images(_config(tree, source='tfds'), 'train')
+
+
+def test_class_map_with_a_gap_in_its_labels_is_refused_naming_the_missing_label(tree, tmp_path):
+  path = _write_map(tmp_path, {'cat': 0, 'dog': 2, 'fish': 2})
+  with pytest.raises(ValueError, match=r'leaves label\(s\) \[1\] without a folder') as e:
+    ip.num_classes(_config(tree, class_map=path))
+  assert path in str(e.value)
+  assert ip.num_classes(_config(tree, class_map=_write_map(tmp_path, {'cat': 0, 'dog': 1, 'fish': 1}))) == 2
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
+  """PIL's own conversion of a 16-bit PNG clips every value above 255: a near-black image turned white."""
+  root = tmp_path / 'wide'
+  _save(str(root / 'only' / 'a.png'), np.full((8, 8), 40000, np.uint16))
+  _save(str(root / 'only' / 'b.png'), np.full((8, 8), 1000, np.uint16))
+  images = ip.load_images(_config(str(root)), 'train')
+  assert images[:, 0, 0, 0].tolist() == [round(40000 * 255 / 65535), round(1000 * 255 / 65535)]  # 156, 4.
+
+
+def test_reference_split_auto_is_train_for_an_image_folder_and_test_elsewhere():
+  from cm_jax.configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  assert config.evaluation.reference_split == 'auto' and evaluator.reference_split(config) == 'test'
+  config.data.name = 'image_folder'
+  assert evaluator.reference_split(config) == 'train'
+  config.evaluation.reference_split = 'test'
+  assert evaluator.reference_split(config) == 'test'  # Explicit: config validation refuses it for a folder.

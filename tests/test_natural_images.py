@@ -210,3 +210,78 @@ def test_streamed_training_equals_in_memory_training_and_may_resume_it(folder, t
                                  'data.storage': 'stream', 'training.num_steps': 6})
   resumed = train.train_and_evaluate(longer, str(tmp_path / 'memory'))
   assert int(resumed.step) == 6
+
+
+def test_edit_cli_reads_images_as_the_trainer_does(conditional_run, tmp_path):
+  """A folder of an RGBA PNG of another size, a grayscale JPEG and a 16-bit grayscale PNG: alpha dropped, gray
+  replicated (16-bit scaled, not clipped to white), sizes centre-cropped and resized, each conversion said."""
+  workdir, _, _ = conditional_run
+  inputs = tmp_path / 'inputs'
+  inputs.mkdir()
+  Image.fromarray(np.full((30, 40, 4), (220, 30, 20, 128), np.uint8)).save(inputs / 'a_rgba.png')
+  Image.fromarray(np.full((20, 20), 90, np.uint8)).save(inputs / 'b_gray.jpg')
+  Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(inputs / 'c_gray16.png')
+  assert Image.open(inputs / 'c_gray16.png').mode.startswith('I')
+  result = subprocess.run([sys.executable, '-m', 'cm_jax.edit', f'--workdir={workdir}', '--task=inpaint',
+                           f'--input={inputs}', f'--out={tmp_path / "out"}', '--class_label=1', '--ts=80,2'],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for note in ('dropped the alpha channel', 'replicated the gray channel to RGB',
+               'centre-cropped and resized 40x30 to 16x16', 'centre-cropped and resized 20x20 to 16x16'):
+    assert note in result.stdout, result.stdout
+  with np.load(tmp_path / 'out' / 'inpaint.npz') as f:
+    original = f['original']
+  assert original.shape == (3, 16, 16, 3)
+  assert np.all(original[0] == (220, 30, 20))  # A solid colour stays exact through crop and resize.
+  assert np.all(np.abs(original[1].astype(int) - 90) <= 2)  # JPEG rounding.
+  assert np.all(original[2] == round(40000 * 255 / 65535))  # Not 255.
+
+
+def test_edit_takes_one_label_per_image_from_the_npz(conditional_run, tmp_path):
+  """An .npz with labels in 'arr_1' (as cm_jax.sample saves them) edits image i as its own class: the same result
+  as editing all images as that class, image by image."""
+  workdir, _, _ = conditional_run
+  model = inference.load(workdir)
+  from cm_jax import edit  # pylint: disable=g-import-not-at-top
+  clean = model.sample(4, labels=[0, 1, 0, 1], seed=2)
+  labels = np.array([0, 1, 1, 0], np.int32)
+  each = edit.run_task(model, 'inpaint', clean, ts=[80.0, 2.0], class_label=labels, num=4)['result']
+  as_0 = edit.run_task(model, 'inpaint', clean, ts=[80.0, 2.0], class_label=0, num=4)['result']
+  as_1 = edit.run_task(model, 'inpaint', clean, ts=[80.0, 2.0], class_label=1, num=4)['result']
+  expected = np.where(labels[:, None, None, None] == 0, as_0, as_1)
+  np.testing.assert_array_equal(each, expected)
+  assert not np.array_equal(as_0, as_1)
+  np.savez(tmp_path / 'labelled.npz', clean, labels)
+  result = subprocess.run([sys.executable, '-m', 'cm_jax.edit', f'--workdir={workdir}', '--task=inpaint',
+                           f'--input={tmp_path / "labelled.npz"}', f'--out={tmp_path / "out"}', '--ts=80,2',
+                           '--num=4'], cwd=REPO_ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Editing each image as its class in" in result.stdout
+  with np.load(tmp_path / 'out' / 'inpaint.npz') as f:
+    np.testing.assert_array_equal(f['result'], expected)
+
+
+def test_offline_metric_for_rgb_data_with_a_classifier_trained_on_its_labels(conditional_run, tmp_path):
+  """`evaluate --feature_net=classifier` on an RGB image-folder run: a classifier of the folder's 2 classes
+  (every tenth image held out for its accuracy), the train split as the reference (an image folder's only
+  one), and a report that says it is not an Inception FID."""
+  workdir, _, _ = conditional_run
+  result = subprocess.run([sys.executable, '-m', 'cm_jax.evaluate', f'--workdir={workdir}', '--num=16',
+                           '--steps=1', '--feature_net=classifier', f'--cache_dir={tmp_path / "cache"}',
+                           f'--output={tmp_path / "eval.json"}'], cwd=REPO_ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  report = json.loads((tmp_path / 'eval.json').read_text())
+  net, reference = report['protocol']['feature_net'], report['protocol']['reference']
+  assert net['comparable_to_published_fid'] is False and 'not Inception' in net['name']
+  assert reference['split'] == 'train' and reference['image_shape'] == [16, 16, 3]
+  assert np.isfinite(report['results'][0]['classifier_fd'])
+  info = json.loads(next((tmp_path / 'cache' / 'classifier').glob('*.json')).read_text())
+  assert info['num_classes'] == 2 and info['num_test'] == 1 and info['num_train'] == 11
+
+
+def test_num_classes_zero_takes_the_folders_count(folder, tmp_path):
+  config = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 0,
+                                 'training.num_steps': 1, 'training.eval_every': 1000})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert inference.load(str(tmp_path / 'run')).config.model.num_classes == 2  # Recorded in the checkpoint.

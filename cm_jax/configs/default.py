@@ -79,7 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
                                   # instead of a strided / nearest-neighbour convolution between levels.
   model.class_conditional = False # Add a learned class embedding to the time embedding; training then reads
                                   # the dataset's labels and sampling takes labels (or draws them uniformly).
-  model.num_classes = 0           # Number of classes when class_conditional (CIFAR-10 10, ImageNet 1000).
+  model.num_classes = 0           # Number of classes when class_conditional (CIFAR-10 10, ImageNet 1000); 0: the
+                                  # training data's (an image folder's class folders or class map).
   model.patch_size = 1            # > 1: the network runs on p x p patches (space-to-depth in, depth-to-space
                                   # out), so its first level is at H/p: p^2 times fewer positions per layer.
   # sCM's learned adaptive loss weight (loss 'sct' / 'scd'): a small float32 head phi(c_noise) (a linear map of
@@ -236,7 +237,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.inception_path = ml_collections.config_dict.placeholder(str)  # classify_image_graph_def.pb or
                                   # inception-2015-12-05.tgz; None: CACHE_DIR/inception/, else download.
   evaluation.cache_dir = ml_collections.config_dict.placeholder(str)  # None: $CM_JAX_CACHE or ~/.cache/cm_jax.
-  evaluation.reference_split = 'test'  # Split whose features are the reference statistics (cached).
+  evaluation.reference_split = 'auto'  # Split whose features are the reference statistics (cached): 'train',
+                                  # 'test', or 'auto' (test; train for an image folder, which has no other).
   evaluation.num_reference = 0    # Reference images, spread evenly over the split; 0: the whole split.
   evaluation.batch_size = 500     # Images per feature-network call, and per sampling call of in-training
                                   # evaluations (lower it if sampling runs out of memory).

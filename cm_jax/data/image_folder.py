@@ -104,6 +104,12 @@ def class_labels(manual_dir: Optional[str], class_map: Optional[str]) -> dict[st
     raise ValueError(f'data.class_map = {class_map} names folders that are not in {root}: {missing[:20]}'
                      f'{" ..." if len(missing) > 20 else ""}; fix the map or data.manual_dir (folders there: '
                      f'{folders[:10]}{" ..." if len(folders) > 10 else ""}).')
+  labels = sorted(set(mapping.values()))
+  gaps = sorted(set(range(labels[-1] + 1)) - set(labels))
+  if gaps:  # Labels index the model's class embedding: a label no folder carries is a class never trained.
+    raise ValueError(f'data.class_map = {class_map} leaves label(s) {gaps[:20]}{" ..." if len(gaps) > 20 else ""} '
+                     f'without a folder (its labels are {labels[:10]}{" ..." if len(labels) > 10 else ""}); labels '
+                     f'must be 0 to {len(labels) - 1} with none missing: renumber the map.')
   return {name: mapping[name] for name in sorted(mapping)}
 
 

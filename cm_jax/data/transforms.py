@@ -40,8 +40,20 @@ def center_crop_resize(image_HWC: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resize_square(square, size), np.uint8)
 
 
+WIDE_GRAY_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')  # 16-bit grayscale PNGs open in one of these.
+
+
+def wide_gray_to_uint8(image: Image.Image) -> np.ndarray:
+  """uint8 (H, W) of a 16-bit grayscale PIL image (mode in WIDE_GRAY_MODES), 0..65535 scaled to 0..255. PIL's
+  own convert('L') / convert('RGB') clips such values at 255, which turns almost every pixel white."""
+  wide = np.asarray(image).astype(np.int64)
+  return ((wide.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-  """Any PIL image (grayscale, RGBA, palette, ...) as uint8 RGB (H, W, 3); alpha is dropped."""
+  """Any PIL image (grayscale of 8 or 16 bits, RGBA, palette, ...) as uint8 RGB (H, W, 3); alpha is dropped."""
+  if image.mode in WIDE_GRAY_MODES:
+    return np.repeat(wide_gray_to_uint8(image)[..., None], 3, axis=-1)
   if image.mode == 'P' and 'transparency' in image.info:
     image = image.convert('RGBA')  # PIL asks palette images with transparency to go through RGBA.
   if image.mode != 'RGB':

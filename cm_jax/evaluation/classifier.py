@@ -1,9 +1,12 @@
-"""The feature network of FID-style metrics for the MNIST family: a small CNN trained by cm_jax.
+"""A feature network of FID-style metrics trained by cm_jax: a small CNN classifier of the dataset's labels.
 
 Inception features of 28x28 grayscale digits mean little (and the Inception weights cannot be had offline),
-so for 'mnist' and 'fashion_mnist' cm_jax trains a small classifier on the dataset's train split, once, and
-caches it under CACHE_DIR/classifier/. Its penultimate layer (`FEATURE_DIM` units) is the feature space of the
-Frechet distance; its softmax gives a classifier score (the Inception Score computed with this network).
+so for 'mnist' and 'fashion_mnist' (the default there) cm_jax trains a small classifier on the dataset's train
+split, once, and caches it under CACHE_DIR/classifier/. Its penultimate layer (`FEATURE_DIM` units) is the
+feature space of the Frechet distance; its softmax gives a classifier score (the Inception Score computed with
+this network). With evaluation.feature_net = 'classifier' any labelled dataset gets one (RGB image folders,
+CIFAR-10, ...): an offline metric where the Inception weights cannot be downloaded. A dataset without a test
+split (an image folder) holds out every tenth train image to measure the classifier's accuracy.
 
 These numbers are comparable between cm_jax runs that share the cached classifier (same dataset, padding,
 classifier settings and seed: the cache key), and NOT comparable to Inception FIDs in papers.
@@ -35,7 +38,7 @@ from cm_jax.runtime import progress as progress_lib
 from cm_jax.runtime import sharding
 
 FEATURE_DIM = 128
-NUM_CLASSES = 10  # MNIST and Fashion-MNIST.
+HELD_OUT_EVERY = 10  # Without a test split: every tenth train image measures the accuracy (not trained on).
 FORMAT_VERSION = 1  # Bump when the architecture or training recipe changes: it invalidates the caches.
 
 
@@ -103,7 +106,7 @@ class Classifier:
     return features.astype(np.float64), probs.astype(np.float64)
 
   def protocol(self) -> dict:
-    return {'name': f'cm_jax SmallCNN classifier ({FEATURE_DIM}-d penultimate layer)',
+    return {'name': f'cm_jax SmallCNN classifier ({FEATURE_DIM}-d penultimate layer; not Inception)',
             'comparable_to_published_fid': False,
             'note': ('Frechet distance in the feature space of a small classifier cm_jax trained on the '
                      f'{self.info["dataset"]} train split; comparable between cm_jax runs using the same '
@@ -177,7 +180,7 @@ def load_or_train(config: ml_collections.ConfigDict) -> Classifier:
   """
   settings = _settings(config)
   train_images, train_labels = input_pipeline.load_labeled_images(config.data, 'train')
-  num_classes = NUM_CLASSES
+  num_classes = input_pipeline.num_classes(config.data)
   data_sha = hashlib.sha256(np.ascontiguousarray(train_images).tobytes()
                             + np.ascontiguousarray(train_labels).tobytes()).hexdigest()
   key = hashlib.sha256(json.dumps(dict(settings, data_sha256=data_sha), sort_keys=True).encode()).hexdigest()[:16]
@@ -192,7 +195,12 @@ def load_or_train(config: ml_collections.ConfigDict) -> Classifier:
                  info['test_accuracy'])
     return Classifier(params, info['num_classes'], image_shape, info)
 
-  test_images, test_labels = input_pipeline.load_labeled_images(config.data, 'test')
+  if config.data.name == 'image_folder':  # Its only split: hold out every tenth image to measure accuracy.
+    held_out = np.arange(len(train_images)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    test_images, test_labels = train_images[held_out], train_labels[held_out]
+    train_images, train_labels = train_images[~held_out], train_labels[~held_out]
+  else:
+    test_images, test_labels = input_pipeline.load_labeled_images(config.data, 'test')
   logging.info('Training the %s feature classifier (%d steps of %d; cached afterwards in %s).',
                settings['dataset'], settings['train_steps'], settings['batch_size'], directory)
   params, accuracy = train_classifier(train_images, train_labels, test_images, test_labels,

@@ -78,9 +78,6 @@ def make_feature_net(config: ml_collections.ConfigDict) -> FeatureNet:
   ev = config.evaluation
   kind = feature_net_kind(config)
   if kind == 'classifier':
-    if config.data.name not in MNIST_FAMILY:
-      raise ValueError(f"evaluation.feature_net = 'classifier' is for {MNIST_FAMILY}, not {config.data.name!r}; "
-                       "use 'inception'.")
     net = classifier_lib.load_or_train(config)
     # fn scores samples (Evaluator.score); local_fn computes the reference features (load_reference).
     return FeatureNet('classifier', lambda x: net(x, ev.batch_size, devices=jax.devices(),
@@ -133,26 +130,35 @@ def reference_indices(num_examples: int, num: int) -> np.ndarray:
   return np.arange(num, dtype=np.int64) * num_examples // num
 
 
+def reference_split(config: ml_collections.ConfigDict) -> str:
+  """evaluation.reference_split with 'auto' resolved: 'train' for an image folder (its only split), else 'test'."""
+  split = config.evaluation.reference_split
+  if split != 'auto':
+    return split
+  return 'train' if config.data.name == 'image_folder' else 'test'
+
+
 def load_reference(config: ml_collections.ConfigDict, net: FeatureNet) -> Reference:
   """Reference features of evaluation.reference_split (evaluation.num_reference images spread evenly over it,
   or all of it), cached. Streamed datasets (data.storage = 'stream') read only those rows."""
   ev = config.evaluation
-  data = input_pipeline.load_dataset(config.data, ev.reference_split)
+  split = reference_split(config)
+  data = input_pipeline.load_dataset(config.data, split)
   rows = reference_indices(data.num_examples, ev.num_reference)
   chunk = 10_000
   images = np.concatenate([data.get(rows[i:i + chunk])[0] for i in range(0, len(rows), chunk)])
   digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
   path = os.path.join(classifier_lib.cache_dir(config), 'reference',
-                      f'{config.data.name}_{ev.reference_split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
+                      f'{config.data.name}_{split}_{len(images)}_{digest}_{net.kind}_{net.cache_id}'
                       f'_v{REFERENCE_FORMAT}.npz')
-  info = dict(data_protocol(config.data), split=ev.reference_split, num=int(len(images)), cache_file=path)
+  info = dict(data_protocol(config.data), split=split, num=int(len(images)), cache_file=path)
   if paths.exists(path):  # Local or gs:// caches.
     with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
       features = f['features']
     logging.info('Loaded cached reference features %s.', path)
   else:
     logging.info('Computing reference features of %d %s images (cached afterwards in %s).', len(images),
-                 ev.reference_split, path)
+                 split, path)
     features, _ = (net.local_fn or net.fn)(images)  # This process alone (process 0 first: see below).
     features = features.astype(np.float32)
     paths.write_file(path, lambda f: np.savez(f, features=features))

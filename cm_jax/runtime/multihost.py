@@ -45,11 +45,14 @@ def detected_cluster() -> Optional[tuple[str, int]]:
   return None
 
 
-# A process that stops (kill -9, a vanished VM) is noticed by the others' watchdog after LOST_PROCESS_S; JAX's
-# own heartbeat timeout, which ends a process with a fatal C++ error instead, is set HEARTBEAT_MARGIN_S later.
-LOST_PROCESS_S = 30
+# With lost_process_s > 0 a process that goes silent (a vanished VM) is noticed by the others' watchdog after
+# that many seconds; JAX's own heartbeat timeout, which ends a process with a fatal C++ error instead, is then set
+# HEARTBEAT_MARGIN_S later. 0 (the default): no watchdog, JAX's heartbeat timeout (100 s). A process whose
+# connections reset (kill -9, a crash) is noticed at once either way, by the error of the next collective.
+LOST_PROCESS_S = 0
+JAX_HEARTBEAT_TIMEOUT_S = 100
 HEARTBEAT_MARGIN_S = 30
-SHUTDOWN_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 300  # JAX's default: under load a process may reach the end minutes after another.
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -84,10 +87,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     logging.info('Starting jax.distributed from the %s environment (%d processes).', name, count)
   # CPU processes talk through gloo over TCP (GPUs and TPUs use their own interconnect).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             heartbeat_timeout_seconds=int(lost_process_s + HEARTBEAT_MARGIN_S),
+  heartbeat_s = int(lost_process_s + HEARTBEAT_MARGIN_S) if lost_process_s else JAX_HEARTBEAT_TIMEOUT_S
+  jax.distributed.initialize(coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_s,
                              shutdown_timeout_seconds=int(shutdown_timeout_s))
-  Watchdog(lost_process_s).start()
+  if lost_process_s:
+    Watchdog(lost_process_s).start()
   # jax.distributed catches SIGTERM for its own preemption service, which cm_jax does not use (StopSignal
   # agrees on a stop step itself): give SIGTERM back its usual effect, so `kill` and `scancel` stop a CLI.
   if threading.current_thread() is threading.main_thread():
@@ -103,9 +107,10 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes (one per host or per GPU).')
   flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index in [0, --num_processes).')
   flags.DEFINE_float('lost_process_timeout', LOST_PROCESS_S, 'Multi-process runs: seconds without a sign of life '
-                     'from another process (killed, preempted, its host gone) before every other process stops with '
-                     'one line naming it; JAX\'s heartbeat timeout is set %d s later.' % HEARTBEAT_MARGIN_S,
-                     lower_bound=1.0)
+                     'from another process (a host that vanished) before every other process stops with one line '
+                     'naming it, e.g. 30 on preemptible pods; JAX\'s heartbeat timeout is then set %d s later. 0: '
+                     'off (JAX\'s heartbeat timeout, %d s, then a C++ abort). A killed process is noticed at once '
+                     'either way.' % (HEARTBEAT_MARGIN_S, JAX_HEARTBEAT_TIMEOUT_S), lower_bound=0.0)
   flags.DEFINE_integer('shutdown_timeout', SHUTDOWN_TIMEOUT_S, 'Multi-process runs: seconds a finishing process '
                        'waits for the others at the end (jax.distributed\'s shutdown barrier).', lower_bound=1)
 
@@ -194,6 +199,9 @@ def lost_peer_reason(e: BaseException) -> Optional[str]:
   return f'another process{other} is gone (killed, preempted, or its host lost): {text[:200]}'
 
 
+_FINISHED = 'finished'
+
+
 class Watchdog:
   """A thread that keeps this process's sign of life in jax.distributed's key-value store (a counter it
   increments every second) and watches the others': when one has not moved for `timeout_s`, or the store
@@ -212,9 +220,19 @@ class Watchdog:
     self._me, self._count = jax.process_index(), jax.process_count()
     self._stop = threading.Event()
     # Stopped before jax.distributed's own shutdown (atexit runs the last registered first): past the shutdown
-    # barrier, process 0 closes the key-value store while the others may still be exiting.
-    atexit.register(self._stop.set)
-    threading.Thread(target=self._run, name='cm_jax_watchdog', daemon=True).start()
+    # barrier, process 0 closes the key-value store while the others may still be exiting. A process that ends
+    # says so first, so that the others, which may finish minutes later on a loaded host, do not take it for lost.
+    atexit.register(self.finish)
+    self._thread = threading.Thread(target=self._run, name='cm_jax_watchdog', daemon=True)
+    self._thread.start()
+
+  def finish(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=10)  # Its last write must not come after ours.
+    try:
+      self._client.key_value_set(f'cm_jax/alive/{self._me}', _FINISHED, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # The store is gone (process 0 ended first): nobody is watching any more.
 
   def _run(self) -> None:
     import time  # pylint: disable=g-import-not-at-top
@@ -225,9 +243,11 @@ class Watchdog:
         beats += 1
         self._client.key_value_set(f'cm_jax/alive/{self._me}', str(beats), allow_overwrite=True)
         now = time.monotonic()
-        for p, (value, since) in seen.items():
+        for p, (value, since) in list(seen.items()):
           current = self._client.key_value_try_get(f'cm_jax/alive/{p}')
-          if current != value:
+          if current == _FINISHED:  # It ended normally (it is waiting in jax.distributed's shutdown).
+            del seen[p]
+          elif current != value:
             seen[p] = (current, now)
           elif now - since > self.timeout_s:
             lost_process_exit(f'process {p} of {self._count} stopped responding (no sign of life for '

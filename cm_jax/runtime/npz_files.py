@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from typing import Optional
 
 import numpy as np
 
@@ -66,3 +67,17 @@ def _check_declared_size(archive: zipfile.ZipFile, key: str, where: str) -> None
     raise errors.InputFileError(f"{where}: array '{key}' declares shape {shape} of {dtype} ({declared:,} bytes), "
                                 f'but the file holds {info.file_size:,}: it is damaged. Write it again with '
                                 'numpy.savez.')
+
+
+def read_labels(path: str, flag: str, num: int) -> Optional[np.ndarray]:
+  """int32 class labels (num,) from the .npz's 'arr_1' (cm_jax.sample saves a class-conditional model's labels
+  there, beside the images in 'arr_0'), or None when it has none. Raises errors.InputFileError for labels that
+  are not integers or fewer than `num`."""
+  with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
+    if 'arr_1' not in f:
+      return None
+    labels = f['arr_1']
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) < num:
+    raise errors.InputFileError(f"{flag}={path}: 'arr_1' is {labels.dtype} {labels.shape}; expected one integer "
+                                f'class label per image ({num}).')
+  return labels[:num].astype(np.int32)
