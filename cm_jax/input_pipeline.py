@@ -102,6 +102,7 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
   if storage == 'stream' and spec.kind == 'folder':
     image_folder.check_split(split)
     listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
+    listing = image_folder.preflight(listing, data_config.get('skip_unreadable', False))
     return image_folder.FolderStreamDataset(listing, _size(spec, data_config), with_labels)
   if storage == 'stream':
     logging.info("Dataset %s: data.storage = 'stream', but the MNIST family is small: held in memory.", name)

@@ -170,8 +170,33 @@ def test_class_map_naming_missing_folders_lists_them(tree, tmp_path):
 def test_unreadable_image_is_named(tree, storage):
   with open(os.path.join(tree, 'dog', 'broken.jpg'), 'wb') as f:
     f.write(b'not a jpeg at all')
-  with pytest.raises(ValueError, match=r'broken\.jpg: not a readable image'):
+  # In memory every image is decoded at once; streamed, the header scan before step 0 finds it.
+  match = r'broken\.jpg: not a readable image' if storage == 'memory' else r'1 of 6 image files are unreadable: .*broken\.jpg'
+  with pytest.raises(ValueError, match=match):
     data = ip.load_dataset(_config(tree, storage=storage), 'train')
+    data.get(np.arange(data.num_examples))
+
+
+def test_streamed_folder_can_leave_unreadable_files_out(tree, caplog):
+  with open(os.path.join(tree, 'dog', 'broken.jpg'), 'wb') as f:
+    f.write(b'not a jpeg at all')
+  data = ip.load_dataset(_config(tree, storage='stream', skip_unreadable=True), 'train', with_labels=True)
+  assert data.num_examples == 5 and data.get(np.arange(5))[1].tolist() == [0, 0, 1, 1, 2]
+  assert 'Leaving out the unreadable image' in caplog.text and 'broken.jpg' in caplog.text
+  os.remove(os.path.join(tree, 'dog', 'broken.jpg'))
+  intact = ip.load_dataset(_config(tree, storage='stream'), 'train')
+  assert intact.fingerprint != data.fingerprint  # The listing records what was left out.
+  np.testing.assert_array_equal(intact.get(np.arange(5))[0], data.get(np.arange(5))[0])
+
+
+def test_a_truncated_image_with_a_good_header_is_still_named_when_drawn(tree):
+  path = os.path.join(tree, 'fish', 'e.jpeg')
+  with open(path, 'rb') as f:
+    head = f.read()[:-300]  # The header reads; the pixels do not.
+  with open(path, 'wb') as f:
+    f.write(head)
+  data = ip.load_dataset(_config(tree, storage='stream'), 'train')
+  with pytest.raises(ValueError, match=r'e\.jpeg: not a readable image'):
     data.get(np.arange(data.num_examples))
 
 

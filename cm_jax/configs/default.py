@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   #           each process only its share, for data larger than host memory (ImageNet 64x64 is ~16 GB).
   # Either way the batch of step k is a function of (seed, k), so resuming stays exact.
   data.storage = 'memory'
+  data.skip_unreadable = False    # 'stream' image folders: every file's header is read before step 0; an
+                                  # unreadable one stops the run naming it, or with True is listed and left out.
   data.pad_to = 0                 # MNIST family: 0 keeps 28x28; 32 zero-pads (black) to 32x32.
   data.random_flip = False        # Random horizontal flips in training (sensible for garments and photos, not
                                   # digits).

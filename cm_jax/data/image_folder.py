@@ -197,6 +197,54 @@ def source_fingerprint(listing: Listing, image_shape: tuple[int, int, int]) -> d
           'files_sha256': listing.sha256}
 
 
+def _header_problem(path: str) -> Optional[str]:
+  """Why the image file at `path` cannot be used (its header does not read as an image), or None."""
+  try:
+    with Image.open(path) as image:
+      if min(image.size) < 1:
+        return f'empty image {image.size}'
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    return f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
+  return None
+
+
+def preflight(listing: Listing, skip_unreadable: bool = False) -> Listing:
+  """Reads the header of every file of a streamed folder before training (threads, progress every few seconds),
+  so that an unreadable file stops the run at once with its path instead of hours in, when first drawn.
+
+  skip_unreadable: list such files in the log and leave them out instead (the listing, and so the data
+  fingerprint and the batches, then describe the files kept).
+  """
+  n = len(listing.files)
+  t0 = last_log = time.time()
+  bad = []
+  with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
+    for i, problem in enumerate(pool.map(lambda k: _header_problem(listing.path(k)), range(n))):
+      if problem is not None:
+        bad.append((i, problem))
+      if time.time() - last_log > _LOG_EVERY_S:
+        logging.info('Checked the headers of %d/%d images of %s (%.0f s, ETA %.0f s).', i + 1, n, listing.root,
+                     time.time() - t0, (time.time() - t0) / (i + 1) * (n - i - 1))
+        last_log = time.time()
+  logging.info('Checked the headers of %d images of %s in %.1f s: %d unreadable.', n, listing.root,
+               time.time() - t0, len(bad))
+  if not bad:
+    return listing
+  names = '; '.join(f'{listing.path(i)} ({problem})' for i, problem in bad[:5]) + (' ...' if len(bad) > 5 else '')
+  if not skip_unreadable:
+    raise ValueError(f'data.manual_dir = {listing.root}: {len(bad)} of {n} image files are unreadable: {names}. '
+                     'Replace or delete them, or set --config.data.skip_unreadable=True to leave them out.')
+  for i, problem in bad:
+    logging.warning('Leaving out the unreadable image %s (%s); data.skip_unreadable = True.', listing.path(i),
+                    problem)
+  keep = np.setdiff1d(np.arange(n), [i for i, _ in bad])
+  if not len(keep):
+    raise ValueError(f'data.manual_dir = {listing.root}: none of its {n} image files is readable: {names}.')
+  digest = hashlib.sha256((listing.sha256 + json.dumps([listing.files[i] for i, _ in bad])).encode()).hexdigest()
+  return dataclasses.replace(listing, files=tuple(listing.files[i] for i in keep), labels=listing.labels[keep],
+                             sha256=digest)
+
+
 class FolderStreamDataset:
   """The images of a folder decoded on demand, row by row (data.storage = 'stream')."""
 
