@@ -248,8 +248,9 @@ def preflight(listing: Listing, skip_unreadable: bool = False) -> Listing:
 class FolderStreamDataset:
   """The images of a folder decoded on demand, row by row (data.storage = 'stream')."""
 
-  def __init__(self, listing: Listing, size: int, with_labels: bool):
+  def __init__(self, listing: Listing, size: int, with_labels: bool, threads: Optional[int] = None):
     self._listing, self._size, self._with_labels = listing, size, with_labels
+    self._threads = threads or _threads()
     self.num_examples = len(listing.files)
     self.image_shape = (size, size, 3)
     self.num_classes = listing.num_classes
@@ -261,7 +262,14 @@ class FolderStreamDataset:
     idx = np.asarray(indices, np.int64).reshape(-1)
     with self._lock:
       if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix='image_folder')
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix='image_folder')
     decoded = list(self._pool.map(lambda k: decode(self._listing.path(int(k)), self._size), idx))
     images = np.stack(decoded) if decoded else np.zeros((0,) + self.image_shape, np.uint8)
     return images, (self._listing.labels[idx] if self._with_labels else None)
+
+  def close(self) -> None:
+    """Stops the decoding threads (a later get starts them again)."""
+    with self._lock:
+      pool, self._pool = self._pool, None
+    if pool is not None:
+      pool.shutdown(wait=True)
