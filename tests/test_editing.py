@@ -3,7 +3,6 @@
 
 import functools
 import inspect
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from cm_jax.core import editing
 from cm_jax.core import karras
 from cm_jax.core import sampling
 from cm_jax.core.denoiser import Denoiser
+import checkpoint_utils
 
 EPS, T = 0.002, 80.0
 BOUNDS = dict(sigma_min=EPS, sigma_max=T)
@@ -325,10 +325,7 @@ def test_command_line_inpaint_end_to_end(ct_run, tmp_path):
 def test_command_line_refuses_an_edm_run_and_wrong_sizes(ct_run, tmp_path):
   fake = tmp_path / 'edm_run'
   shutil.copytree(ct_run, fake)
-  for meta in fake.glob('checkpoints/*/config/metadata'):
-    saved = json.loads(meta.read_text())
-    saved['loss']['name'] = 'edm'
-    meta.write_text(json.dumps(saved))
+  checkpoint_utils.rewrite_saved_config(fake, lambda saved: saved['loss'].update(name='edm'))
   result = run_edit(f'--workdir={fake}', '--task=interpolate', f'--out={tmp_path / "out"}')
   assert result.returncode != 0 and 'EDM diffusion model' in result.stderr
   assert 'editing needs a consistency model' in result.stderr

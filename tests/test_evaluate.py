@@ -251,7 +251,7 @@ def test_samples_file_is_cropped_checked_and_cut(tmp_path):
   with pytest.raises(errors.InputFileError, match=r"holds arrays \['a', 'b'\]"):
     evaluate.load_samples_file(path, (32, 32, 1))
   (tmp_path / 'junk.npz').write_bytes(b'not a zip')
-  with pytest.raises(errors.InputFileError, match='not a readable .npz'):
+  with pytest.raises(errors.InputFileError, match='not an .npz file'):
     evaluate.load_samples_file(str(tmp_path / 'junk.npz'), (32, 32, 1))
 
 

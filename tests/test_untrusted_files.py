@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+import checkpoint_utils
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_DIRS = ('cm_jax', 'benchmarks', 'examples')
 # Code that would unpickle (or run) what a file holds.
@@ -107,19 +109,13 @@ def test_a_checkpoint_holding_a_symbolic_link_is_not_loaded(tiny_run, tmp_path, 
 
 
 def test_the_evaluation_cache_recorded_in_a_checkpoint_is_not_used(tiny_run, tmp_path):
-  import json
   import shutil
   from cm_jax.evaluation import classifier
   from cm_jax import inference
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_run, workdir)
-  for step in ('2', '4'):
-    path = os.path.join(workdir, 'checkpoints', step, 'config', 'metadata')
-    with open(path) as f:
-      saved = json.load(f)
-    saved['evaluation']['cache_dir'] = str(tmp_path / 'elsewhere')
-    with open(path, 'w') as f:
-      json.dump(saved, f)
+  checkpoint_utils.rewrite_saved_config(
+      workdir, lambda saved: saved['evaluation'].update(cache_dir=str(tmp_path / 'elsewhere')))
   model = inference.load(workdir)
   assert model.config.evaluation.cache_dir is None
   assert not classifier.cache_dir(model.config).startswith(str(tmp_path / 'elsewhere'))
