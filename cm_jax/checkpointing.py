@@ -327,11 +327,12 @@ def verify(manager: ocp.CheckpointManager, step: int, restored: Any) -> None:
                                  f'checksums: {", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}', bad=bad)
 
 
-def verify_json(manager: ocp.CheckpointManager, step: int, name: str, value: Any) -> Any:
+def verify_json(manager: ocp.CheckpointManager, step: int, name: str, value: Any,
+                saved: Optional[dict] = None) -> Any:
   """Returns `value`, the JSON item `name` ('config' or 'data') read from checkpoint `step`, after checking it
   against its saved checksum (CorruptCheckpointError on a mismatch). Checkpoints from before such checksums
-  were saved pass."""
-  saved = saved_checksums(manager, step)
+  were saved pass. `saved`: the step's saved_checksums when the caller has read them already."""
+  saved = saved_checksums(manager, step) if saved is None else saved
   expected = None if saved is None else saved.get(f'#{name}')
   if expected is not None and json_checksum(value) != expected:
     raise CorruptCheckpointError(os.fspath(manager.directory), step,
@@ -392,8 +393,9 @@ def restore_for_resume(manager: ocp.CheckpointManager, abstract_state: Any, conf
   def read_files(step: int) -> Any:
     check_no_links(manager, step)
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+    saved = saved_checksums(manager, step)  # Read once for both items.
     for name in JSON_ITEMS:
-      verify_json(manager, step, name, getattr(meta, name))
+      verify_json(manager, step, name, getattr(meta, name), saved)
     try:
       check_compatible(config_lib.config_from_json_dict(meta.config), config, workdir)
       check_same_data(meta.data, data, workdir)

@@ -180,9 +180,8 @@ def lost_process_exit(what: str) -> None:
 
 
 # Errors of a collective or of the coordination service when another process is gone.
-_LOST_PEER_PATTERNS = ('Gloo all-reduce failed', 'Gloo all-gather failed', 'Connection closed by peer',
-                       'Connection reset by peer', 'heartbeat timeout', 'stopped sending heartbeats',
-                       'Gloo', 'coordination service')
+_LOST_PEER_PATTERNS = ('Gloo', 'Connection closed by peer', 'Connection reset by peer', 'heartbeat timeout',
+                       'stopped sending heartbeats', 'coordination service')
 
 
 def lost_peer_reason(e: BaseException) -> Optional[str]:
