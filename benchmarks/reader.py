@@ -1,13 +1,14 @@
 r"""Images per second of the image-folder reader (decode, centre crop, resize) at several thread counts, next to
 the train step's images per second for a config; prints one JSON object per line.
 
-  python benchmarks/reader.py --manual_dir=DIR --image_size=64 [--threads=1,2,4,16] [--num=512]
+  python benchmarks/reader.py --manual_dir=DIR --image_size=64 [--threads=1,2,4,16] [--workers=1,2] [--num=512]
       [--config=configs/imagenet64_ct.py]
   python benchmarks/reader.py --synthetic=256 [--width=500 --height=375]   # a temporary folder of random JPEGs
 
 With --synthetic=N it writes N random JPEGs of --width x --height (ImageNet's typical 500x375 by default) into a
 temporary folder; with --manual_dir it reads the first --num files of that image folder. For each thread count
-one line: {"what": "reader", threads, images, seconds, images_per_s, image_size, cpu, load_average}; the images
+one line: {"what": "reader", threads, images, seconds, images_per_s, image_size, cpu, load_average}, then one per
+decode process count (--workers; data.decode_workers) with "workers" in place of "threads"; the images
 are read in batches of --batch, as training reads them (cm_jax.data.image_folder.FolderStreamDataset). Then
 one line {"what": "draft_mode", ...}: PIL's JPEG draft decoding (the decoder scales by 1/2, 1/4 or 1/8 while
 decoding) against the full decode, both followed by cm_jax's crop and resize: its speed-up and the pixel
@@ -34,7 +35,6 @@ sys.path.insert(0, REPO_ROOT)
 from machine import cpu_model, load_average  # pylint: disable=wrong-import-position  (benchmarks/machine.py)
 
 from cm_jax.data import image_folder  # pylint: disable=wrong-import-position
-from cm_jax.data import transforms  # pylint: disable=wrong-import-position
 
 
 class UsageError(Exception):
@@ -53,28 +53,20 @@ def synthetic_folder(root: str, num: int, width: int, height: int, seed: int = 0
   return root
 
 
-def time_reader(listing, size: int, threads: int, num: int, batch: int) -> dict:
-  data = image_folder.FolderStreamDataset(listing, size, with_labels=False, threads=threads)
+def time_reader(listing, size: int, num: int, batch: int, threads: int = 0, workers: int = 0) -> dict:
+  """Images/s of FolderStreamDataset with `threads` threads, or `workers` processes (their start not timed)."""
+  data = image_folder.FolderStreamDataset(listing, size, with_labels=False, threads=threads or None,
+                                          workers=workers)
   rows = np.arange(min(num, data.num_examples))
+  data.get(rows[:1])  # Starts the threads or processes.
   start = time.perf_counter()
   for i in range(0, len(rows), batch):
     data.get(rows[i:i + batch])
   seconds = time.perf_counter() - start
   data.close()
-  return {'what': 'reader', 'threads': threads, 'images': int(len(rows)), 'seconds': round(seconds, 3),
-          'images_per_s': round(len(rows) / seconds, 1), 'image_size': size}
-
-
-def decode_draft(path: str, size: int) -> np.ndarray:
-  """As image_folder.decode, with PIL's JPEG draft mode: the decoder scales down (by a power of 2) to no less
-  than the side the crop and resize need."""
-  with Image.open(path) as image:
-    side = min(image.size)
-    scale = max(1, min(8, side // size))
-    scale = 1 << (scale.bit_length() - 1)  # 1, 2, 4 or 8: what the JPEG decoder can do.
-    image.draft('RGB', (image.size[0] // scale, image.size[1] // scale))
-    rgb = transforms.to_rgb_array(image)
-  return transforms.center_crop_resize(rgb, size)
+  how = {'workers': workers} if workers else {'threads': threads}
+  return dict({'what': 'reader'}, **how, images=int(len(rows)), seconds=round(seconds, 3),
+              images_per_s=round(len(rows) / seconds, 1), image_size=size)
 
 
 def compare_draft(listing, size: int, num: int) -> dict:
@@ -86,7 +78,7 @@ def compare_draft(listing, size: int, num: int) -> dict:
   full = [image_folder.decode(p, size) for p in paths]
   full_s = time.perf_counter() - start
   start = time.perf_counter()
-  draft = [decode_draft(p, size) for p in paths]
+  draft = [image_folder.decode(p, size, draft=True) for p in paths]
   draft_s = time.perf_counter() - start
   diff = np.abs(np.stack(full).astype(np.int32) - np.stack(draft).astype(np.int32))
   return {'what': 'draft_mode', 'images': len(paths), 'full_decode_ms': round(1000 * full_s / len(paths), 2),
@@ -121,12 +113,15 @@ def main(argv=None) -> int:
   parser.add_argument('--height', type=int, default=375)
   parser.add_argument('--image_size', type=int, default=64, help='Side of the decoded, resized images.')
   parser.add_argument('--threads', default='1,2,4,16', help='Reader thread counts to time.')
+  parser.add_argument('--workers', default='', help='Decode process counts to time (data.decode_workers), e.g. '
+                      '1,2,4; none by default.')
   parser.add_argument('--num', type=int, default=512, help='Images read per thread count.')
   parser.add_argument('--batch', type=int, default=128, help='Images per read, as a training batch.')
   parser.add_argument('--config', help="A config whose train step's images/s to print beside (optional).")
   args = parser.parse_args(argv)
   try:
     threads = parse_ints(args.threads, '--threads')
+    workers = parse_ints(args.workers, '--workers') if args.workers.strip() else []
     if (args.manual_dir is None) == (args.synthetic <= 0):
       raise UsageError('give either --manual_dir=DIR or --synthetic=N (N >= 1).')
     for name in ('num', 'batch', 'image_size', 'width', 'height'):
@@ -140,7 +135,11 @@ def main(argv=None) -> int:
         raise UsageError(f'--manual_dir={root}: {e}') from None
       machine = {'cpu': cpu_model(), 'cpus': os.cpu_count(), 'load_average': load_average()}
       for n in threads:
-        print(json.dumps(dict(time_reader(listing, args.image_size, n, args.num, args.batch), **machine)), flush=True)
+        print(json.dumps(dict(time_reader(listing, args.image_size, args.num, args.batch, threads=n), **machine)),
+              flush=True)
+      for n in workers:
+        print(json.dumps(dict(time_reader(listing, args.image_size, args.num, args.batch, workers=n), **machine)),
+              flush=True)
       print(json.dumps(dict(compare_draft(listing, args.image_size, min(args.num, 256)), **machine)), flush=True)
     if args.config:
       print(json.dumps(dict(train_step_rate(args.config), **machine)), flush=True)

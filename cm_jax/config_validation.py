@@ -14,13 +14,14 @@ from cm_jax.runtime import errors
 
 CHOICES = {
     'data.source': ('auto', 'tfds', 'local'),
-    'data.storage': ('memory', 'stream'),
+    'data.storage': ('memory', 'stream', 'prepared'),
     'training.precision': ('float32', 'bfloat16'),
     'training.sharding': ('replicated', 'fsdp'),
     'training.ema_warmup': ('capped', 'debias', 'none'),
     'model.name': ('unet',),
     'model.embedding': ('fourier', 'positional'),
-    'loss.name': ('ct', 'edm', 'cd', 'ect', 'sct', 'scd'),
+    'loss.name': ('ct', 'edm', 'cd', 'ect', 'sct', 'scd', 'meanflow'),
+    'loss.mf_time_order': ('sort', 'min'),
     'loss.schedule': ('exponential', 'adaptive', 'fixed'),
     'loss.index_distribution': ('lognormal', 'uniform'),
     'loss.distance': ('pseudo_huber', 'l2', 'l1', 'l2_norm'),
@@ -123,9 +124,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(start_t is None or config.loss.name != 'edm', 'sampling.start_t',
            "is for consistency sampling; an EDM model (loss.name = 'edm') samples from sigma_max: leave it None.")
   first = cc.sigma_max if start_t is None else start_t
-  _require(cc.sigma_min < config.sampling.two_step_t < first, 'sampling.two_step_t',
-           f'{config.sampling.two_step_t} must lie strictly between sigma_min and the first sampling time '
-           f'({"sampling.start_t" if start_t is not None else "sigma_max"} = {first}).')
+  if config.loss.name == 'meanflow':  # Flow times: noise at 1, data at 0.
+    _require(start_t is None, 'sampling.start_t',
+             "is for consistency sampling; a MeanFlow model samples from t = 1: leave it None.")
+    _require(0.0 < config.sampling.two_step_t < 1.0, 'sampling.two_step_t',
+             f"{config.sampling.two_step_t}: a MeanFlow model's two-step time is a flow time in (0, 1) (noise at 1, "
+             'data at 0), e.g. 0.5.')
+  else:
+    _require(cc.sigma_min < config.sampling.two_step_t < first, 'sampling.two_step_t',
+             f'{config.sampling.two_step_t} must lie strictly between sigma_min and the first sampling time '
+             f'({"sampling.start_t" if start_t is not None else "sigma_max"} = {first}).')
 
   _require(1 <= lc.s0 <= lc.s1, 'loss.s0', f'need 1 <= s0 <= s1, got s0={lc.s0}, s1={lc.s1}.')
   if lc.schedule == 'adaptive':
@@ -156,7 +164,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config.teacher.workdir is None, 'teacher.workdir',
              f"is set, but loss.name = {lc.name!r} has no teacher (only 'cd', 'ect', 'scd' and 'sct' use one); "
              "unset it or pick --config.loss.name=cd / ect / scd / sct.")
-  if lc.name in ('edm', 'ect', 'sct', 'scd'):
+  _require(mc.two_times == (lc.name == 'meanflow'), 'model.two_times',
+           "must be True for loss.name = 'meanflow' (its network takes t and t - r) and False otherwise, got "
+           f'{mc.two_times} with loss.name = {lc.name!r}.')
+  if lc.name == 'meanflow':
+    _require(0.0 <= lc.mf_ratio_r_neq_t <= 1.0, 'loss.mf_ratio_r_neq_t', f'must lie in [0, 1], got '
+             f'{lc.mf_ratio_r_neq_t}.')
+    _require(lc.mf_t_std > 0 and lc.mf_r_std > 0, 'loss.mf_t_std', 'mf_t_std and mf_r_std must be > 0.')
+    _require(lc.mf_norm_p >= 0, 'loss.mf_norm_p', f'must be >= 0 (0: plain L2), got {lc.mf_norm_p}.')
+    _require(lc.mf_norm_c > 0, 'loss.mf_norm_c', f'must be > 0 (MeanFlow: 1e-3 on CIFAR-10), got {lc.mf_norm_c}.')
+  if lc.name in ('edm', 'ect', 'sct', 'scd', 'meanflow'):
     _require(lc.target == 'stopgrad', 'loss.target',
              f"loss.name = {lc.name!r} has no target network; leave loss.target = 'stopgrad'.")
   _require(lc.tangent_warmup_steps >= 0, 'loss.tangent_warmup_steps', f'must be >= 0 (0: no warm-up), got '
@@ -193,12 +210,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(dc.pad_to == 0, 'data.pad_to', f'pads the 28x28 MNIST-family images; for {dc.name!r} set '
              'data.image_size instead.')
     _require(dc.image_size >= 0, 'data.image_size', f'must be >= 0 (0: the dataset\'s default), got {dc.image_size}.')
-  if dc.name == 'image_folder':
+  storage = dc.get('storage', 'memory')
+  if dc.name == 'image_folder' and storage == 'prepared':
+    _require(dc.get('prepared_dir', None) is not None, 'data.prepared_dir',
+             "data.storage = 'prepared' reads a folder decoded by `python -m cm_jax.prepare`: set "
+             '--config.data.prepared_dir=DIR.')
+  elif dc.name == 'image_folder':
     _require(dc.manual_dir is not None, 'data.manual_dir',
              "data.name = 'image_folder' needs --config.data.manual_dir=DIR, a directory of class subdirectories "
              'holding JPEG/PNG images.')
   else:
     _require(dc.class_map is None, 'data.class_map', f"is for data.name = 'image_folder', not {dc.name!r}.")
+    _require(storage != 'prepared', 'data.storage',
+             f"'prepared' is for image folders (python -m cm_jax.prepare); {dc.name!r} uses 'memory' or 'stream'.")
+  _require(dc.get('decode_workers', 0) >= -1, 'data.decode_workers',
+           f'must be -1 (one process per core), 0 (threads) or a number of processes, got '
+           f'{dc.get("decode_workers", 0)}.')
   if mc.class_conditional:
     _require(mc.num_classes == 0 or mc.num_classes >= 2, 'model.num_classes',
              f'a class-conditional model needs the number of classes (>= 2; 0: the data\'s), got {mc.num_classes}.')
@@ -230,7 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(ev.num_reference >= 0, 'evaluation.num_reference', 'must be >= 0 (0: the whole split).')
   _require(ev.classifier_lr > 0, 'evaluation.classifier_lr', 'must be > 0.')
   if ev.feature_net == 'classifier':  # Trained on the labelled train split, held in memory.
-    _require(config.data.name in MNIST_FAMILY or config.data.get('storage', 'memory') == 'memory',
+    _require(config.data.name in MNIST_FAMILY or config.data.get('storage', 'memory') in ('memory', 'prepared'),
              'evaluation.feature_net', f"'classifier' trains on the whole {config.data.name!r} train split in "
              "host memory; set --config.data.storage=memory, or use 'inception'.")
   _require(config.optim.warmup_steps >= 0 and config.optim.grad_clip >= 0, 'optim.warmup_steps',

@@ -97,16 +97,6 @@ def one_line_reason(e: Exception) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
-def _image_array(img: Image.Image) -> np.ndarray:
-  """uint8 (H, W, C) of a PIL image as stored: C = 1 (grayscale), 2 (grayscale + alpha), 3 or 4 (RGBA)."""
-  if img.mode in transforms.WIDE_GRAY_MODES:  # 16-bit grayscale: scaled, not clipped to white.
-    return transforms.wide_gray_to_uint8(img)[..., None]
-  if img.mode not in ('L', 'LA', 'RGB', 'RGBA'):
-    img = img.convert('RGBA' if img.mode == 'P' and 'transparency' in img.info else 'RGB')
-  arr = np.asarray(img, np.uint8)
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
 def load_images(path: str) -> np.ndarray | list[np.ndarray]:
   """uint8 images as stored in `path`: an .npz ((N, H, W, C) array, key 'arr_0' or its only key), one PNG or
   JPEG file, or a directory of them (a list, sizes and channels may differ). fit_to_model makes them the
@@ -120,11 +110,11 @@ def load_images(path: str) -> np.ndarray | list[np.ndarray]:
     out = []
     for f in files:
       with open_image(f, '--input') as img:
-        out.append(_image_array(img))
+        out.append(transforms.stored_array(img))
     return out
   if path.lower().endswith(IMAGE_EXTENSIONS):
     with open_image(path, '--input') as img:
-      return _image_array(img)[None]
+      return transforms.stored_array(img)[None]
   if path.endswith('.npz'):
     return npz_files.read_images(path, '--input')
   if not os.path.exists(path):
@@ -220,6 +210,10 @@ def run_task(model: inference.LoadedModel, task: str, clean_uint8: Optional[np.n
     raise ValueError(f'This run is an EDM diffusion model (loss.name = {model.config.loss.name!r}); zero-shot '
                      'editing needs a consistency model, whose f(x, t) maps any noise level to an image in one '
                      "call. Distil or tune it first (loss.name = 'cd' or 'ect').")
+  if model.is_flow_model:
+    raise ValueError("This run is a MeanFlow flow map (loss.name = 'meanflow'); cm_jax's zero-shot editing is "
+                     "written for consistency models (CM Algorithm 4, f(x, sigma) at EDM noise levels) and is not "
+                     'defined for flow maps yet: edit a consistency model (ct, cd, ect, sct, scd) instead.')
   if task not in TASKS:
     raise ValueError(f'Unknown task {task!r}; choose one of {TASKS}.')
   if ts is not None and task not in _TIMED_TASKS:

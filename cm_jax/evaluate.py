@@ -138,7 +138,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('num', 10_000, 'Samples per sampler (published FIDs: 50000).')
   flags.DEFINE_list('steps', None, 'Sampling steps to evaluate, e.g. 1,2 (default: 1,2 for consistency models, '
                     'config.sampling.diffusion_steps for EDM models).')
-  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler'], 'Default: the model\'s own.')
+  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler', 'meanflow'], 'Default: the model\'s own.')
   flags.DEFINE_list('ts', None, 'Intermediate times, for a single --steps value > 1 (default: the config\'s).')
   flags.DEFINE_float('start_t', None, 'Consistency sampling\'s first time, in (sigma_min, sigma_max] (default: '
                      'the run\'s sampling.start_t, else sigma_max).')

@@ -4,7 +4,8 @@
     images = inference.load('WORKDIR').sample(64, steps=2, seed=0)   # uint8 (64, H, W, C)
 
 Consistency models (loss 'ct', 'cd', 'ect') use CM Algorithm 1 ('consistency' sampler, 1 or more steps);
-EDM teachers (loss 'edm') use the EDM ODE sampler ('heun' or 'euler', default 18 Karras steps).
+EDM teachers (loss 'edm') use the EDM ODE sampler ('heun' or 'euler', default 18 Karras steps); MeanFlow runs
+(loss 'meanflow') jump from t = 1 to 0 ('meanflow' sampler, 1 or more steps).
 This module only composes: checkpoints from cm_jax/checkpointing.py, sampler specs and sharded sampling from
 cm_jax/samplers.py, the network from cm_jax/core/denoiser.py.
 """
@@ -24,7 +25,7 @@ from cm_jax import checkpointing
 from cm_jax import samplers
 from cm_jax import train_state as ts
 from cm_jax.core import pixels
-from cm_jax.core.denoiser import Denoiser, is_diffusion_model, make_denoiser
+from cm_jax.core.denoiser import Denoiser, is_diffusion_model, is_flow_model, make_denoiser
 from cm_jax.data import catalog
 from cm_jax.runtime import errors
 from cm_jax.runtime import sharding
@@ -57,6 +58,11 @@ class LoadedModel:
   @property
   def is_diffusion_model(self) -> bool:
     return is_diffusion_model(self.config)
+
+  @property
+  def is_flow_model(self) -> bool:
+    """A MeanFlow flow map (loss.name = 'meanflow'): sampled by jumps from t = 1 to 0; no editing."""
+    return is_flow_model(self.config)
 
   @property
   def num_classes(self) -> int:

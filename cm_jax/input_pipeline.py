@@ -2,8 +2,9 @@
 
 This is the data interface the rest of cm_jax calls (image shapes aside: cm_jax.data.catalog.image_shape); the
 per-source readers live in cm_jax/data/. A split is a `Dataset` (load_dataset): rows addressed by index, either
-decoded once into host memory (data.storage = 'memory') or read on demand (data.storage = 'stream': TFDS
-ArrayRecord random access, or the image files). The batch of training step k is a pure function of (seed, k) (see
+decoded once into host memory (data.storage = 'memory'), read on demand (data.storage = 'stream': TFDS
+ArrayRecord random access, or the image files), or memory-mapped from a folder decoded once (data.storage =
+'prepared', cm_jax/data/prepared.py). The batch of training step k is a pure function of (seed, k) (see
 `batch_indices`), and each process reads only its rows of it (`local_batch`, `BatchStream`), so a restarted run
 resumes exactly where it stopped and there is no iterator state to checkpoint.
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from cm_jax.data import image_folder
 from cm_jax.data import mnist_family
+from cm_jax.data import prepared
 from cm_jax.data import tfds_source
 # Re-exported: the names callers and tests use stay on this one interface module.
 from cm_jax.data.dataset import (array_fingerprint, ArrayDataset, Dataset,  # pylint: disable=unused-import
@@ -52,8 +54,13 @@ def _load(data_config: Any, split: str, with_labels: bool) -> tuple[np.ndarray, 
     image_folder.check_split(split)
     if _source(data_config) == 'tfds':
       raise ValueError("data.source = 'tfds' cannot read an image folder: set --config.data.source=auto (or local).")
-    listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
-    images, labels = image_folder.load_arrays(listing, _size(spec, data_config), with_labels)
+    if data_config.get('storage', 'memory') == 'prepared':
+      rows = prepared.PreparedDataset(data_config.prepared_dir, _size(spec, data_config), with_labels)
+      images, labels = rows.get(np.arange(rows.num_examples))
+    else:
+      listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
+      images, labels = image_folder.load_arrays(listing, _size(spec, data_config), with_labels,
+                                                _decode_workers(data_config), data_config.get('jpeg_draft', False))
   expected = spec.image_shape if spec.kind == 'idx' else (_size(spec, data_config),) * 2 + (3,)
   if images.ndim != 4 or images.shape[1:] != expected:
     raise ValueError(f'{name} ({split}): expected images of shape (N, {", ".join(map(str, expected))}), got '
@@ -92,8 +99,13 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
   """
   name, spec = _spec(data_config)
   storage = data_config.get('storage', 'memory')
-  if storage not in ('memory', 'stream'):
-    raise ValueError(f"data.storage must be 'memory' or 'stream', got {storage!r}.")
+  if storage not in ('memory', 'stream', 'prepared'):
+    raise ValueError(f"data.storage must be 'memory', 'stream' or 'prepared', got {storage!r}.")
+  if storage == 'prepared':
+    if spec.kind != 'folder':
+      raise ValueError(f"data.storage = 'prepared' is for image folders, not {name!r}.")
+    image_folder.check_split(split)
+    return prepared.PreparedDataset(data_config.prepared_dir, _size(spec, data_config), with_labels)
   if storage == 'stream' and spec.kind == 'tfds':
     builder = tfds_source.prepared_builder(name, spec, data_config)
     size = _size(spec, data_config)
@@ -103,7 +115,9 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
     image_folder.check_split(split)
     listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
     listing = image_folder.preflight(listing, data_config.get('skip_unreadable', False))
-    return image_folder.FolderStreamDataset(listing, _size(spec, data_config), with_labels)
+    return image_folder.FolderStreamDataset(listing, _size(spec, data_config), with_labels,
+                                            workers=_decode_workers(data_config),
+                                            draft=data_config.get('jpeg_draft', False))
   if storage == 'stream':
     logging.info("Dataset %s: data.storage = 'stream', but the MNIST family is small: held in memory.", name)
   if with_labels:  # Through the module-level loaders, so that tests can substitute them.
@@ -117,7 +131,7 @@ def load_dataset(data_config: Any, split: str, with_labels: bool = False) -> Dat
                                                  len(images), images.shape[1:])
   elif spec.kind == 'folder':
     listing = image_folder.list_folder(data_config.get('manual_dir', None), data_config.get('class_map', None))
-    fingerprint = image_folder.source_fingerprint(listing, images.shape[1:])
+    fingerprint = image_folder.source_fingerprint(listing, images.shape[1:], data_config.get('jpeg_draft', False))
   return ArrayDataset(images, labels, num_classes(data_config), _fingerprint=fingerprint)
 
 
@@ -127,7 +141,13 @@ def num_classes(data_config: Any) -> int:
   _, spec = _spec(data_config)
   if spec.num_classes is not None:
     return spec.num_classes
+  if data_config.get('storage', 'memory') == 'prepared':
+    return int(prepared.read_meta(data_config.prepared_dir)['num_classes'])
   return image_folder.num_classes(data_config.get('manual_dir', None), data_config.get('class_map', None))
+
+
+def _decode_workers(data_config: Any) -> int:
+  return image_folder.worker_count(data_config.get('decode_workers', 0))
 
 
 # ------------------------------------------------------------------------------------ Batching.

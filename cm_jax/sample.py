@@ -38,10 +38,12 @@ def define_flags() -> None:
   flags.DEFINE_integer('steps', None, 'Consistency models: network evaluations, 1 (default) or more (CM '
                        'Algorithm 1). EDM models: Karras-grid steps (default config.sampling.diffusion_steps; '
                        'Heun makes 2 steps - 1 network calls).')
-  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler'],
-                    "Default: 'consistency' for consistency models, config.sampling.diffusion_solver for EDM ones.")
+  flags.DEFINE_enum('sampler', None, ['consistency', 'heun', 'euler', 'meanflow'],
+                    "Default: 'consistency' for consistency models, config.sampling.diffusion_solver for EDM ones, "
+                    "'meanflow' for MeanFlow runs.")
   flags.DEFINE_list('ts', None, 'Descending intermediate times, steps - 1 of them (default: for 2 steps '
-                    'config.sampling.two_step_t, otherwise the interior of a Karras grid).')
+                    'config.sampling.two_step_t, otherwise the interior of a Karras grid; MeanFlow: flow times in (0, 1), '
+                    'default equal jumps).')
   flags.DEFINE_float('start_t', None, 'Consistency sampling\'s first time, in (sigma_min, sigma_max] (default: '
                      'the run\'s sampling.start_t, else sigma_max).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')

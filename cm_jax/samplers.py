@@ -16,13 +16,15 @@ import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
 from cm_jax.core import karras
+from cm_jax.core import meanflow
 from cm_jax.core import sampling
-from cm_jax.core.denoiser import Denoiser, boundary, is_diffusion_model
+from cm_jax.core.denoiser import Denoiser, boundary, is_diffusion_model, is_flow_model
 from cm_jax.runtime import device_map
 from cm_jax.runtime import sharding
 
@@ -49,6 +51,8 @@ class Sampler:
   clip: bool = dataclasses.field(kw_only=True)
 
   def describe(self) -> str:
+    if self.name == 'meanflow':
+      return f'{self.steps}-step MeanFlow sampling' + (f', times {self.times}' if self.times else '')
     if self.name == 'consistency':
       return (f'{self.steps}-step consistency sampling' + (f', times {self.times}' if self.times else '') +
               (f', from t = {self.start_t:g}' if self.start_t is not None else ''))
@@ -67,6 +71,16 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
   cc = config.consistency
   noise = dict(sigma_min=float(cc.sigma_min), sigma_max=float(cc.sigma_max), rho=float(cc.rho),
                clip=bool(config.sampling.clip))
+  if is_flow_model(config):
+    if sampler not in (None, 'meanflow'):
+      raise ValueError(f"sampler {sampler!r}: this run is a MeanFlow flow map (loss.name = 'meanflow'); sample it "
+                       "with 'meanflow' (jumps z_r = z_t - (t - r) u(z_t, r, t) from t = 1 to 0).")
+    if config.sampling.start_t is not None:
+      raise ValueError('sampling.start_t (--start_t) is for consistency sampling; a MeanFlow model samples from '
+                       't = 1.')
+    steps = 1 if steps is None else steps
+    return Sampler('meanflow', int(steps), flow_times(config, steps, ts_), None,
+                   **dict(noise, sigma_min=0.0, sigma_max=1.0))
   if is_diffusion_model(config):
     sampler = config.sampling.diffusion_solver if sampler is None else sampler
     if sampler not in sampling.ODE_SOLVERS:
@@ -83,6 +97,9 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
       raise ValueError(f'steps must be >= 1, got {steps}.')
     return Sampler(sampler, int(steps), **noise)
   sampler = 'consistency' if sampler is None else sampler
+  if sampler == 'meanflow':
+    raise ValueError(f"sampler 'meanflow' is for MeanFlow runs; this run is a consistency model (loss.name = "
+                     f"{config.loss.name!r}): sample it with 'consistency'.")
   if sampler != 'consistency':
     raise ValueError(f"sampler {sampler!r}: this run is a consistency model (loss.name = "
                      f"{config.loss.name!r}); sample it with 'consistency' (the Heun and Euler samplers need an "
@@ -93,6 +110,24 @@ def make_sampler(config: ml_collections.ConfigDict, sampler: Optional[str] = Non
   # (0 for sCM runs, trained without the sigma_min shift).
   noise['sigma_min'] = boundary(config)
   return Sampler('consistency', int(steps), sampling_times(config, steps, ts_), start_t, **noise)
+
+
+def flow_times(config: ml_collections.ConfigDict, steps: int,
+               ts_: Optional[Sequence[float]] = None) -> tuple[float, ...]:
+  """The descending intermediate flow times in (0, 1) of `steps`-step MeanFlow sampling: ts_ if given, else
+  sampling.two_step_t for two steps and equal jumps (meanflow.uniform_times) otherwise."""
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}.')
+  if ts_ is None:
+    ts_ = (config.sampling.two_step_t,) if steps == 2 else tuple(meanflow.uniform_times(steps)[1:-1])
+  ts_ = tuple(float(t) for t in ts_)
+  if len(ts_) != steps - 1:
+    raise ValueError(f'{steps}-step sampling needs {steps - 1} intermediate times, got {len(ts_)}: {ts_}.')
+  grid = (1.0,) + ts_ + (0.0,)
+  if any(a <= b for a, b in zip(grid, grid[1:])):
+    raise ValueError(f'MeanFlow intermediate times must descend strictly inside (0, 1) (noise at 1, data at 0), '
+                     f'got {ts_}.')
+  return ts_
 
 
 def start_time(config: ml_collections.ConfigDict) -> float:
@@ -110,13 +145,16 @@ def start_time(config: ml_collections.ConfigDict) -> float:
 
 def set_start_time(config: ml_collections.ConfigDict, start_t: Optional[float]) -> None:
   """Sets config.sampling.start_t (the --start_t of the CLIs; None keeps the run's) and checks it."""
+  if start_t is not None and is_flow_model(config):
+    raise ValueError('is for consistency sampling; a MeanFlow model samples from t = 1 (leave --start_t out).')
   if start_t is not None:
     config.sampling.start_t = start_t
     start_time(config)
 
 
 def grid_samplers(config: ml_collections.ConfigDict) -> tuple[Sampler, Sampler]:
-  """The two panels of the training-time sample grids: one and two steps, or Heun and Euler for EDM."""
+  """The two panels of the training-time sample grids: one and two steps (consistency and MeanFlow models), or
+  Heun and Euler for EDM."""
   if is_diffusion_model(config):
     return make_sampler(config, 'heun'), make_sampler(config, 'euler')
   return make_sampler(config, steps=1), make_sampler(config, steps=2)
@@ -131,10 +169,18 @@ def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHW
   times: None for sampler.times, else a (steps - 1,) array of intermediate times used instead (traced).
   labels_B: the class of each sample for a class-conditional model, else None.
   """
+  z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
+  if sampler.name == 'meanflow':  # denoiser is the run's meanflow.FlowMap; z is the noise at t = 1.
+    times = jnp.asarray(sampler.times if times is None else times, z.dtype)
+    grid = jnp.concatenate([jnp.ones((1,), z.dtype), times, jnp.zeros((1,), z.dtype)])
+    for i in range(sampler.steps):
+      t_B, r_B = jnp.full((z.shape[0],), grid[i]), jnp.full((z.shape[0],), grid[i + 1])
+      z = meanflow.step(denoiser(params, z, r_B, t_B, labels_B=labels_B), z, r_B, t_B)
+    return jnp.clip(z, -1.0, 1.0) if sampler.clip else z
+
   def denoise_fn(x_BHWC, sigma_B):
     return denoiser(params, x_BHWC, sigma_B, labels_B=labels_B)
 
-  z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
   if sampler.name == 'consistency':
     times = sampler.times if times is None else times
     return sampling.multistep_sample(denoise_fn, z, noise, times, sigma_min=sampler.sigma_min,

@@ -87,6 +87,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
   train_data = load_train_data(config)
   image_shape = tuple(train_data.image_shape)
   with contextlib.ExitStack() as stack:
+    if hasattr(train_data, 'close'):  # Decoding threads or processes of a streamed folder.
+      stack.callback(train_data.close)
     stream = stack.enter_context(contextlib.closing(input_pipeline.BatchStream(
         train_data, config.seed, tc.batch_size, jax.process_index(), jax.process_count())))
 

@@ -84,7 +84,9 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   h, w, c = catalog.image_shape(config.data)
   labels = jnp.zeros((1,), jnp.int32) if config.model.class_conditional else None
-  params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False)['params']
+  times = {'c_noise2_B': jnp.zeros((1,))} if config.model.get('two_times', False) else {}  # MeanFlow: (t, t - r).
+  params = model.init(init_rng, jnp.zeros((1, h, w, c)), jnp.zeros((1,)), labels_B=labels, train=False,
+                      **times)['params']
   if init_params is not None:
     # The teacher's weights; a head only the student has (the adaptive weight of sCM) keeps its initialisation.
     params = {**params, **init_params}

@@ -16,7 +16,8 @@ from cm_jax.configs import default
 
 CONFIG_MODULES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != 'common')
 # File-name suffix -> loss.name; the longest suffix that matches wins ('_ct2023' before '_ct').
-LOSS_OF_SUFFIX = {'_ct2023': 'ct', '_ct': 'ct', '_cd': 'cd', '_ect': 'ect', '_edm': 'edm', '_sct': 'sct', '_scd': 'scd'}
+LOSS_OF_SUFFIX = {'_ct2023': 'ct', '_ct': 'ct', '_cd': 'cd', '_ect': 'ect', '_edm': 'edm', '_sct': 'sct', '_scd': 'scd',
+                  '_meanflow': 'meanflow'}
 # Every helper with arguments that a config passes it.
 HELPER_CALLS = {
     'apply_ict': dict(),
@@ -25,6 +26,7 @@ HELPER_CALLS = {
     'apply_cd': dict(num_points=40, target='ema', mu0=0.95),
     'apply_ect': dict(stage_steps=580),
     'apply_scm': dict(tangent_warmup_steps=10_000),
+    'apply_meanflow': dict(recipe='improved'),
     'apply_adm_unet': dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16, 8)),
 }
 
@@ -236,7 +238,7 @@ def test_every_config_module_returns_a_config_dict_whose_loss_its_file_name_name
   assert config.loss.name == expected_loss_name(module_name)
 
 
-@pytest.mark.parametrize('loss_name', ['ct', 'edm', 'cd', 'ect', 'sct', 'scd'])
+@pytest.mark.parametrize('loss_name', ['ct', 'edm', 'cd', 'ect', 'sct', 'scd', 'meanflow'])
 def test_the_tiny_test_config_trains_the_loss_it_is_given(loss_name):
   from cm_jax.configs import test  # pylint: disable=g-import-not-at-top
   assert test.get_config(loss_name).loss.name == loss_name
@@ -261,6 +263,19 @@ def test_recipe_configs_end_on_their_recipe_with_their_own_overrides_after_it():
   assert (config_of('cifar10_sct').model.dropout, config_of('cifar10_scd').model.dropout) == (0.2, 0.0)
   assert (config_of('cifar10_sct').optim.name, config_of('cifar10_sct').optim.b2) == ('radam', 0.99)
   assert (config_of('imagenet64_scd').optim.name, config_of('imagenet64_scd').loss.p_std) == ('adam', 1.6)
+
+
+def test_meanflow_configs_take_the_published_recipes():
+  paper, improved = config_of('cifar10_meanflow'), config_of('fashion_mnist_meanflow')
+  assert (paper.loss.mf_time_order, paper.loss.mf_t_mean, paper.loss.mf_t_std) == ('sort', -2.0, 2.0)
+  assert (improved.loss.mf_time_order, improved.loss.mf_t_mean, improved.loss.mf_r_mean) == ('min', -0.6, -4.0)
+  assert (paper.optim.lr, paper.training.batch_size, paper.model.dropout, paper.training.num_steps) == (
+      6e-4, 1024, 0.2, 800_000)
+  for config in (paper, improved):
+    assert config.model.two_times and config.loss.mf_norm_p == 0.75 and config.loss.mf_ratio_r_neq_t == 0.75
+    assert 0 < config.sampling.two_step_t < 1
+  with pytest.raises(ValueError, match='recipe'):
+    common.apply_meanflow(default.get_config(), recipe='v2')
 
 
 def test_the_mnist_configs_use_mnists_own_sigma_data():

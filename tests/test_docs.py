@@ -18,7 +18,7 @@ README = os.path.join(REPO_ROOT, 'README.md')
 PAGES = [README] + sorted(glob.glob(os.path.join(REPO_ROOT, 'docs', '*.md')))
 # The READMEs next to the scripts (measurement history, launch scripts): users read them too.
 SCRIPT_PAGES = [os.path.join(REPO_ROOT, folder, 'README.md') for folder in ('benchmarks', 'launch')]
-TOOLS = ('train', 'sample', 'evaluate', 'edit')
+TOOLS = ('train', 'sample', 'evaluate', 'edit', 'prepare')
 MAX_README_LINES = 250
 
 FENCE = re.compile(r'^```[^\n]*\n(.*?)^```', re.S | re.M)
@@ -110,7 +110,8 @@ def tool_flags() -> dict[str, tuple[set[str], set[str]]]:
   for tool, proc in procs.items():
     out, _ = proc.communicate(timeout=300)  # absl's --helpfull exits 0 or 1: only the text matters.
     found = HELP_FLAG.findall(out)
-    assert any(name == 'workdir' for _, name in found), f'cm_jax.{tool} --helpfull listed no --workdir:\n{out[-3000:]}'
+    own = 'out' if tool == 'prepare' else 'workdir'  # A flag the tool surely defines: its help was read.
+    assert any(name == own for _, name in found), f'cm_jax.{tool} --helpfull listed no --{own}:\n{out[-3000:]}'
     flags[tool] = ({name for _, name in found}, {name for no, name in found if no})
   return flags
 

@@ -292,5 +292,7 @@ def test_labels_missing_is_a_clear_error(tmp_path):
 
 
 def test_unknown_storage():
-  with pytest.raises(ValueError, match=r"data\.storage must be 'memory' or 'stream'"):
+  with pytest.raises(ValueError, match=r"data\.storage must be 'memory', 'stream' or 'prepared'"):
     ip.load_dataset(_config(storage='disk'), 'train')
+  with pytest.raises(ValueError, match=r"'prepared' is for image folders, not 'mnist'"):
+    ip.load_dataset(_config(storage='prepared'), 'train')

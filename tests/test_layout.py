@@ -53,7 +53,7 @@ def part(module: str) -> str:
 def test_the_top_level_keeps_training_the_clis_and_the_notebook_api_only():
   top = sorted(n[:-3] for n in os.listdir(PACKAGE) if n.endswith('.py') and n != '__init__.py')
   assert top == ['checkpointing', 'config_validation', 'edit', 'evaluate', 'inference', 'input_pipeline',
-                 'sample', 'samplers', 'teacher', 'train', 'train_state', 'train_step']
+                 'prepare', 'sample', 'samplers', 'teacher', 'train', 'train_state', 'train_step']
   for wing in ('core', 'evaluation', 'runtime', 'data', 'models', 'configs'):
     assert os.path.isfile(os.path.join(PACKAGE, wing, '__init__.py')), wing
 

@@ -2,6 +2,7 @@
 bf16 mixed precision, exact resume, colorization through the edit CLI, and the RGB evaluation defaults."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,18 +199,27 @@ def test_rgb_datasets_default_to_inception_features():
 
 
 def test_streamed_training_equals_in_memory_training_and_may_resume_it(folder, tmp_path):
-  """data.storage = 'stream' reads the same rows at every step: the same parameters as 'memory', and a run
-  started in memory resumes streamed (the recorded data fingerprint names the files, not the storage)."""
-  config = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2})
-  memory = train.train_and_evaluate(config, str(tmp_path / 'memory'))
-  streamed_config = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2,
-                                          'data.storage': 'stream'})
+  """data.storage = 'stream' (decoded by worker processes here) reads the same rows at every step: the same
+  parameters as 'memory', and a run started in memory resumes streamed, or from a prepared folder (the
+  recorded data fingerprint names the files, not the storage), to the same parameters."""
+  conditional = {'model.class_conditional': True, 'model.num_classes': 2}
+  memory = train.train_and_evaluate(rgb_config(folder, **conditional), str(tmp_path / 'memory'))
+  streamed_config = rgb_config(folder, **conditional, **{'data.storage': 'stream', 'data.decode_workers': 2})
   streamed = train.train_and_evaluate(streamed_config, str(tmp_path / 'stream'))
   assert tree_equal(memory.params, streamed.params)
-  longer = rgb_config(folder, **{'model.class_conditional': True, 'model.num_classes': 2,
-                                 'data.storage': 'stream', 'training.num_steps': 6})
+  shutil.copytree(tmp_path / 'memory', tmp_path / 'memory_copy')
+  longer = rgb_config(folder, **conditional, **{'data.storage': 'stream', 'training.num_steps': 6})
   resumed = train.train_and_evaluate(longer, str(tmp_path / 'memory'))
   assert int(resumed.step) == 6
+  prepared_dir = str(tmp_path / 'prepared')
+  subprocess.run([sys.executable, '-m', 'cm_jax.prepare', '--config=cm_jax/configs/test.py',
+                  '--config.data.name=image_folder', f'--config.data.manual_dir={folder}',
+                  '--config.data.image_size=16', f'--out={prepared_dir}', '--workers=0'], cwd=REPO_ROOT, check=True,
+                 capture_output=True)
+  from_prepared = rgb_config(folder, **conditional, **{'data.storage': 'prepared', 'training.num_steps': 6,
+                                                       'data.prepared_dir': prepared_dir})
+  resumed_prepared = train.train_and_evaluate(from_prepared, str(tmp_path / 'memory_copy'))
+  assert int(resumed_prepared.step) == 6 and tree_equal(resumed.params, resumed_prepared.params)
 
 
 def test_edit_cli_reads_images_as_the_trainer_does(conditional_run, tmp_path):

@@ -41,10 +41,22 @@ def get_config() -> ml_collections.ConfigDict:
   # 'memory': decode the whole split into host memory as uint8 (fast; MNIST, CIFAR-10, Imagenette).
   # 'stream': read each step's examples from disk by index (TFDS ArrayRecord data_source, or the image files),
   #           each process only its share, for data larger than host memory (ImageNet 64x64 is ~16 GB).
-  # Either way the batch of step k is a function of (seed, k), so resuming stays exact.
+  # 'prepared': image folders only: the rows of data.prepared_dir, a folder decoded once by `python -m
+  #           cm_jax.prepare` into a memory-mapped array (checked against its SHA-256s when opened).
+  # Either way the batch of step k is a function of (seed, k), so resuming stays exact; the three storages of an
+  # image folder give the same rows, so a run may switch storage when resumed.
   data.storage = 'memory'
+  data.prepared_dir = ml_collections.config_dict.placeholder(str)  # data.storage = 'prepared': its directory.
   data.skip_unreadable = False    # 'stream' image folders: every file's header is read before step 0; an
                                   # unreadable one stops the run naming it, or with True is listed and left out.
+  data.decode_workers = 0         # Image folders: processes decoding JPEG/PNG files (0: up to 16 threads in the
+                                  # training process; -1: one process per core this process may use, i.e. its
+                                  # CPU affinity, which SLURM narrows per task; N). Processes scale with the
+                                  # cores where threads stop at a few hundred images/s; the rows are the same.
+  data.jpeg_draft = False         # Image folders: let the JPEG decoder scale large photographs down by 2-8x
+                                  # while decoding (several times faster; the pixels differ from the full decode
+                                  # by up to tens of levels on fine texture, so it is a different dataset: the
+                                  # data fingerprint records it). benchmarks/reader.py measures both.
   data.pad_to = 0                 # MNIST family: 0 keeps 28x28; 32 zero-pads (black) to 32x32.
   data.random_flip = False        # Random horizontal flips in training (sensible for garments and photos, not
                                   # digits).
@@ -89,6 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 128 Fourier features of the noise level), trained, saved and restored with the network and ignored by
   # sampling. The loss is then e^-phi(t) ||.||^2 / D + phi(t); False: weight 1 (phi = 0).
   model.adaptive_weight = False
+  model.two_times = False         # A second time input (MeanFlow's interval t - r), embedded like the first by its
+                                  # own MLP and added to the time embedding; loss.name = 'meanflow' needs it.
 
   # ---------------------------------------------------------------------------------------------
   # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
@@ -99,7 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'cd': consistency distillation from the EDM teacher in teacher.workdir. 'ect': easy consistency tuning,
   # fine-tuning the teacher's weights into a consistency model (Geng et al. 2024). 'sct' / 'scd': continuous-time
   # consistency training from data / distillation from the EDM teacher (sCM, Lu & Song 2024; TrigFlow time on
-  # cm_jax's EDM preconditioning without the sigma_min shift, see cm_jax/core/scm.py).
+  # cm_jax's EDM preconditioning without the sigma_min shift, see cm_jax/core/scm.py). 'meanflow': MeanFlow (Geng
+  # et al. 2025), a flow map trained from data on the linear path z_t = (1 - t) x + t e (cm_jax/core/meanflow.py;
+  # its network takes (t, t - r): model.two_times = True; no preconditioning, consistency.* unused).
   loss.name = 'ct'
   # N(k), for 'ct' and 'cd': 'exponential' (iCT curriculum) | 'adaptive' (CM appendix C) | 'fixed' (num_points).
   loss.schedule = 'exponential'
@@ -135,6 +151,19 @@ def get_config() -> ml_collections.ConfigDict:
   # rms(g) = ||g||_2 / sqrt(D) (sCM: warm-up 10k steps, c = 0.1).
   loss.tangent_warmup_steps = 10_000
   loss.tangent_c = 0.1
+  # 'meanflow': t ~ sigmoid(N(mf_t_mean, mf_t_std^2)); order 'min' (py-meanflow's improved CIFAR-10 recipe): r ~
+  # sigmoid(N(mf_r_mean, mf_r_std^2)), r = min(r, t); order 'sort' (the paper's runs): r drawn like t, the two
+  # sorted (t the larger; mf_r_* unused). r is set to t (flow matching) in a fraction 1 - mf_ratio_r_neq_t of the
+  # rows, drawn per row. Per-example loss ||u - sg(target)||^2 (summed over pixels) divided by
+  # sg((||.||^2 + mf_norm_c)^mf_norm_p).
+  loss.mf_t_mean = -0.6
+  loss.mf_t_std = 1.6
+  loss.mf_r_mean = -4.0
+  loss.mf_r_std = 1.6
+  loss.mf_time_order = 'min'
+  loss.mf_ratio_r_neq_t = 0.75
+  loss.mf_norm_p = 0.75
+  loss.mf_norm_c = 1e-3
 
   # ---------------------------------------------------------------------------------------------
   # teacher: the EDM run that 'cd' distils and 'ect' starts from (a cm_jax workdir trained with loss.name='edm').
@@ -212,7 +241,8 @@ def get_config() -> ml_collections.ConfigDict:
   # sampling: defaults for eval grids, the sample CLI and the notebook API.
   # ---------------------------------------------------------------------------------------------
   sampling = config.sampling = ml_collections.ConfigDict()
-  sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default).
+  sampling.two_step_t = 2.52      # Intermediate time of two-step sampling (grids and `--steps=2` default): a noise
+                                  # level sigma; for 'meanflow' a flow time in (0, 1) (its configs set 0.5).
   # Time of consistency sampling's first network call, x = start_t z, f(x, start_t) (None: consistency.sigma_max,
   # CM Algorithm 1). A lower start treats start_t z as data + start_t z: the data's std (0.5-0.7) is small
   # against it, and iCT's lognormal noise density is ~2.5x higher at 40 than at 80. Not for EDM models.

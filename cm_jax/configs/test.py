@@ -5,7 +5,8 @@ Works for any data.name, e.g. `--config.data.name=mnist`, `--config.data.name=ci
 `--config.model.class_conditional=True --config.model.num_classes=K` for a class-conditional model, and
 `--config.training.precision=bfloat16` for mixed precision). Not meant to produce good samples.
 `--config=configs/test.py:edm` trains a tiny EDM teacher; `:cd`, `:ect` and `:scd` distil or tune it
-(with --config.teacher.workdir=TEACHER_DIR); `:sct` is continuous-time consistency training.
+(with --config.teacher.workdir=TEACHER_DIR); `:sct` is continuous-time consistency training; `:meanflow` a
+MeanFlow flow map.
 """
 
 from cm_jax.configs import common
@@ -21,6 +22,8 @@ def get_config(loss_name: str = 'ct'):
     common.apply_ect(config, stage_steps=2)
   if loss_name in ('sct', 'scd'):
     common.apply_scm(config, tangent_warmup_steps=2)
+  if loss_name == 'meanflow':
+    common.apply_meanflow(config, recipe='improved')
   config.sampling.diffusion_steps = 4
   config.model.ch = 8
   config.model.ch_mult = (1, 2)

@@ -16,6 +16,7 @@ import ml_collections
 
 from cm_jax import models
 from cm_jax.core import karras
+from cm_jax.core import meanflow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,19 @@ class Denoiser:
 
 
 def is_diffusion_model(config: ml_collections.ConfigDict) -> bool:
-  """True for an EDM denoiser (loss 'edm'), False for a consistency model."""
+  """True for an EDM denoiser (loss 'edm'), False for a consistency model or a flow map."""
   return config.loss.name == 'edm'
+
+
+def is_flow_model(config: ml_collections.ConfigDict) -> bool:
+  """True for a MeanFlow flow map (loss 'meanflow': the linear path in flow time, cm_jax/core/meanflow.py)."""
+  return config.loss.name == 'meanflow'
+
+
+def family(config: ml_collections.ConfigDict) -> str:
+  """'diffusion' (an EDM denoiser), 'flow' (a MeanFlow flow map) or 'consistency': what samplers, evaluation and
+  editing dispatch on."""
+  return 'diffusion' if is_diffusion_model(config) else 'flow' if is_flow_model(config) else 'consistency'
 
 
 # Consistency models trained in continuous TrigFlow time (sCM) have their boundary at sigma = 0, unshifted.
@@ -78,10 +90,13 @@ def boundary(config: ml_collections.ConfigDict) -> float:
 TRAINED_UNSHIFTED_LOSSES = ('ect',)
 
 
-def make_denoiser(config: ml_collections.ConfigDict, training: bool = False) -> Denoiser:
+def make_denoiser(config: ml_collections.ConfigDict, training: bool = False) -> Denoiser | meanflow.FlowMap:
   """The network of a run with its preconditioning: the consistency function f_theta (eps-shifted, or unshifted
-  for sCM), or for an EDM teacher the denoiser D (eps = 0). training=True gives the form the loss trains, which
-  differs only for ECT (unshifted in training, shifted at sampling)."""
+  for sCM), or for an EDM teacher the denoiser D (eps = 0); for a MeanFlow run its flow map u(z, r, t) (no
+  preconditioning). training=True gives the form the loss trains, which differs only for ECT (unshifted in
+  training, shifted at sampling)."""
   network = models.create_model(config.model, dtype=models.compute_dtype(config.training.precision))
+  if is_flow_model(config):
+    return meanflow.FlowMap(network)
   sigma_min = 0.0 if training and config.loss.name in TRAINED_UNSHIFTED_LOSSES else boundary(config)
   return Denoiser(network, sigma_data=config.consistency.sigma_data, sigma_min=sigma_min)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from cm_jax.core import karras
+from cm_jax.core import meanflow
 from cm_jax.core import sampling
 from cm_jax.core import scm
 from cm_jax.core.denoiser import Denoiser
@@ -289,5 +290,15 @@ def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, in
     return Loss(functools.partial(scm.scm_loss, denoiser=denoiser, settings=settings,
                                   teacher=teacher if distill else None), None)
 
+  def meanflow_objective():
+    lc = config.loss
+    settings = meanflow.MeanFlowSettings(
+        t_mean=float(lc.mf_t_mean), t_std=float(lc.mf_t_std), r_mean=float(lc.mf_r_mean), r_std=float(lc.mf_r_std),
+        ratio_r_neq_t=float(lc.mf_ratio_r_neq_t), order=str(lc.mf_time_order), norm_p=float(lc.mf_norm_p),
+        norm_c=float(lc.mf_norm_c))
+    flow = denoiser if isinstance(denoiser, meanflow.FlowMap) else meanflow.FlowMap(denoiser.model)
+    return Loss(functools.partial(meanflow.meanflow_loss, flow=flow, settings=settings), None)
+
   return _choose({'ct': ct, 'cd': cd, 'edm': edm, 'ect': ect, 'sct': lambda: scm_objective(False),
-                  'scd': lambda: scm_objective(True)}, config.loss.name, 'loss.name')()
+                  'scd': lambda: scm_objective(True), 'meanflow': meanflow_objective}, config.loss.name,
+                 'loss.name')()

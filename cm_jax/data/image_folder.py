@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from cm_jax.data import decode_pool
 from cm_jax.data import transforms
 from cm_jax.data.dataset import DataUnavailableError
 from cm_jax.runtime import errors
@@ -159,10 +160,19 @@ def list_folder(manual_dir: Optional[str], class_map: Optional[str]) -> Listing:
   return Listing(root, tuple(files), np.asarray(labels, np.int32), max(labels_of.values()) + 1, digest.hexdigest())
 
 
-def decode(path: str, size: int) -> np.ndarray:
-  """uint8 (size, size, 3) of an image file; ValueError naming the file if PIL cannot read it."""
+def decode(path: str, size: int, draft: bool = False) -> np.ndarray:
+  """uint8 (size, size, 3) of an image file; ValueError naming the file if PIL cannot read it.
+
+  draft: let PIL's JPEG decoder scale down by 2, 4 or 8 while decoding (to no less than the side the crop and
+  resize need): several times faster on large photographs, but NOT the same pixels as the full decode followed
+  by the box-halving resize (benchmarks/reader.py measures the difference; data.jpeg_draft).
+  """
   try:
     with Image.open(path) as image:
+      if draft and image.format == 'JPEG':
+        scale = max(1, min(8, min(image.size) // size))
+        scale = 1 << (scale.bit_length() - 1)  # 1, 2, 4 or 8: what the JPEG decoder can do.
+        image.draft('RGB', (image.size[0] // scale, image.size[1] // scale))
       rgb = transforms.to_rgb_array(image)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e}); replace or delete the file.') from e
@@ -173,28 +183,86 @@ def _threads() -> int:
   return max(1, min(_MAX_THREADS, os.cpu_count() or 1))
 
 
-def load_arrays(listing: Listing, size: int, with_labels: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """Every image decoded into memory (a thread pool; progress logged every few seconds)."""
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, which SLURM and taskset narrow), else os.cpu_count()."""
+  if hasattr(os, 'sched_getaffinity'):
+    return max(1, len(os.sched_getaffinity(0)))
+  return os.cpu_count() or 1
+
+
+def worker_count(decode_workers: int) -> int:
+  """data.decode_workers as a number of processes: 0 (threads in the training process), -1 (one per core this
+  process may use: usable_cores), N."""
+  if decode_workers < -1:
+    raise ValueError(f'data.decode_workers must be -1 (one process per core), 0 (threads) or a number of worker '
+                     f'processes, got {decode_workers}.')
+  return usable_cores() if decode_workers == -1 else int(decode_workers)
+
+
+class Decoder:
+  """Decodes lists of files, in order: a thread pool in this process (workers = 0) or `workers` processes
+  (cm_jax/data/decode_pool.py), started on first use; close() stops them (a later call starts them again)."""
+
+  def __init__(self, size: int, workers: int = 0, draft: bool = False, threads: Optional[int] = None):
+    self.size, self.workers, self.draft = size, workers, draft
+    self._threads = threads or _threads()
+    self._pool: Any = None
+    self._lock = threading.Lock()
+
+  def __call__(self, paths: list[str]) -> list[np.ndarray]:
+    with self._lock:
+      if self._pool is None:
+        self._pool = (decode_pool.DecodePool(self.workers, self.size, self.draft) if self.workers else
+                      concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix='image_folder'))
+      pool = self._pool
+    if self.workers:
+      return pool.decode(paths)
+    return list(pool.map(lambda path: decode(path, self.size, self.draft), paths))
+
+  def close(self) -> None:
+    with self._lock:
+      pool, self._pool = self._pool, None
+    if pool is None:
+      return
+    if self.workers:
+      pool.close()
+    else:
+      pool.shutdown(wait=True)
+
+
+def load_arrays(listing: Listing, size: int, with_labels: bool, workers: int = 0,
+                draft: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Every image decoded into memory (threads, or `workers` processes; progress logged every few seconds)."""
   n = len(listing.files)
   images = np.zeros((n, size, size, 3), np.uint8)
   t0 = last_log = time.time()
-  with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:
-    for i, image in enumerate(pool.map(lambda k: decode(listing.path(k), size), range(n))):
-      images[i] = image
+  decoder = Decoder(size, workers, draft)
+  chunk = 64 * max(1, workers or _threads())
+  try:
+    for start in range(0, n, chunk):
+      stop = min(n, start + chunk)
+      images[start:stop] = decoder([listing.path(k) for k in range(start, stop)])
       if time.time() - last_log > _LOG_EVERY_S:
-        logging.info('Decoded %d/%d images of %s (%.0f s).', i + 1, n, listing.root, time.time() - t0)
+        logging.info('Decoded %d/%d images of %s (%.0f s, ETA %.0f s).', stop, n, listing.root, time.time() - t0,
+                     (time.time() - t0) / stop * (n - stop))
         last_log = time.time()
+  finally:
+    decoder.close()
   logging.info('Decoded %d images of %s to %dx%d in %.1f s.', n, listing.root, size, size, time.time() - t0)
   return images, (listing.labels.copy() if with_labels else None)
 
 
-def source_fingerprint(listing: Listing, image_shape: tuple[int, int, int]) -> dict:
-  """What identifies a folder's training rows, whatever the storage: the files (path, size, label) and the shape.
+def source_fingerprint(listing: Listing, image_shape: tuple[int, int, int], draft: bool = False) -> dict:
+  """What identifies a folder's training rows, whatever the storage: the files (path, size, label), the shape
+  and (when on) JPEG draft decoding, which changes the pixels.
 
   Cheaper than hashing decoded pixels, and independent of the decoder (a Pillow upgrade does not block a resume).
   """
-  return {'num_examples': len(listing.files), 'shape': list(image_shape), 'source': 'image_folder',
-          'files_sha256': listing.sha256}
+  fingerprint = {'num_examples': len(listing.files), 'shape': list(image_shape), 'source': 'image_folder',
+                 'files_sha256': listing.sha256}
+  if draft:
+    fingerprint['decode'] = 'jpeg_draft'
+  return fingerprint
 
 
 def _header_problem(path: str) -> Optional[str]:
@@ -246,30 +314,24 @@ def preflight(listing: Listing, skip_unreadable: bool = False) -> Listing:
 
 
 class FolderStreamDataset:
-  """The images of a folder decoded on demand, row by row (data.storage = 'stream')."""
+  """The images of a folder decoded on demand, row by row (data.storage = 'stream'): in threads, or in
+  `workers` processes (data.decode_workers)."""
 
-  def __init__(self, listing: Listing, size: int, with_labels: bool, threads: Optional[int] = None):
-    self._listing, self._size, self._with_labels = listing, size, with_labels
-    self._threads = threads or _threads()
+  def __init__(self, listing: Listing, size: int, with_labels: bool, threads: Optional[int] = None,
+               workers: int = 0, draft: bool = False):
+    self._listing, self._with_labels = listing, with_labels
+    self._decoder = Decoder(size, workers, draft, threads)
     self.num_examples = len(listing.files)
     self.image_shape = (size, size, 3)
     self.num_classes = listing.num_classes
-    self.fingerprint = source_fingerprint(listing, self.image_shape)
-    self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-    self._lock = threading.Lock()
+    self.fingerprint = source_fingerprint(listing, self.image_shape, draft)
 
   def get(self, indices: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
     idx = np.asarray(indices, np.int64).reshape(-1)
-    with self._lock:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix='image_folder')
-    decoded = list(self._pool.map(lambda k: decode(self._listing.path(int(k)), self._size), idx))
+    decoded = self._decoder([self._listing.path(int(k)) for k in idx])
     images = np.stack(decoded) if decoded else np.zeros((0,) + self.image_shape, np.uint8)
     return images, (self._listing.labels[idx] if self._with_labels else None)
 
   def close(self) -> None:
-    """Stops the decoding threads (a later get starts them again)."""
-    with self._lock:
-      pool, self._pool = self._pool, None
-    if pool is not None:
-      pool.shutdown(wait=True)
+    """Stops the decoding threads or processes (a later get starts them again)."""
+    self._decoder.close()

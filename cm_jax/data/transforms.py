@@ -50,12 +50,22 @@ def wide_gray_to_uint8(image: Image.Image) -> np.ndarray:
   return ((wide.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-  """Any PIL image (grayscale of 8 or 16 bits, RGBA, palette, ...) as uint8 RGB (H, W, 3); alpha is dropped."""
+def stored_array(image: Image.Image) -> np.ndarray:
+  """uint8 (H, W, C) of any PIL image with the channels it stores: C = 1 (grayscale, 16-bit scaled), 2
+  (grayscale + alpha), 3 (RGB) or 4 (RGBA; also palette images with transparency); other modes as RGB."""
   if image.mode in WIDE_GRAY_MODES:
-    return np.repeat(wide_gray_to_uint8(image)[..., None], 3, axis=-1)
-  if image.mode == 'P' and 'transparency' in image.info:
-    image = image.convert('RGBA')  # PIL asks palette images with transparency to go through RGBA.
-  if image.mode != 'RGB':
-    image = image.convert('RGB')
-  return np.asarray(image, np.uint8)
+    return wide_gray_to_uint8(image)[..., None]
+  if image.mode not in ('L', 'LA', 'RGB', 'RGBA'):
+    # PIL asks palette images with transparency to go through RGBA.
+    image = image.convert('RGBA' if image.mode == 'P' and 'transparency' in image.info else 'RGB')
+  array = np.asarray(image, np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+  """Any PIL image (grayscale of 8 or 16 bits, RGBA, palette, ...) as uint8 RGB (H, W, 3): gray replicated,
+  alpha dropped (what PIL's convert('RGB') gives, except that 16-bit gray is scaled instead of clipped)."""
+  array = stored_array(image)
+  if array.shape[-1] in (1, 2):
+    return np.repeat(array[..., :1], 3, axis=-1)
+  return np.ascontiguousarray(array[..., :3])

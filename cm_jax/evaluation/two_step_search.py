@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from cm_jax import samplers
+from cm_jax.core import denoiser as denoiser_lib
 from cm_jax.core import karras
 from cm_jax.runtime import progress as progress_lib
 
@@ -58,8 +59,12 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
   cc = config.consistency
   if points < 3:
     raise ValueError(f'--search_points must be >= 3 (a grid with an interior), got {points}.')
-  grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
-  first = samplers.start_time(config)  # Consistency sampling's first time, checked to lie in (eps, T].
+  flow = denoiser_lib.is_flow_model(config)
+  if flow:  # MeanFlow: flow times, equally spaced from 1 (noise) to 0 (data).
+    grid, first = np.linspace(1.0, 0.0, points), 1.0
+  else:
+    grid = np.asarray(karras.karras_grid(points, cc.sigma_min, cc.sigma_max, cc.rho), np.float64)[::-1]  # Descending.
+    first = samplers.start_time(config)  # Consistency sampling's first time, checked to lie in (eps, T].
   lo = next((i for i in range(1, points - 1) if grid[i] < first), None)
   if lo is None:
     raise ValueError(f'No point of the {points}-point grid lies below sampling.start_t = {first:g}; raise '
@@ -81,6 +86,8 @@ def search_two_step_time(score_at_time: Callable[[float], dict], fd_key: str,
 
   best = ternary_search(metric_at, lo, points - 2)
   progress.done()
-  return {'grid_points': points, 'grid': 'Karras, descending (index 0 = sigma_max)', 'metric': fd_key,
+  description = ('flow times, equally spaced, descending (index 0 = 1, noise)' if flow else
+                 'Karras, descending (index 0 = sigma_max)')
+  return {'grid_points': points, 'grid': description, 'metric': fd_key,
           'best_index': best, 'best_t': evaluated[best]['t'], 'best': evaluated[best],
           'evaluated': [evaluated[i] for i in sorted(evaluated)]}

@@ -198,6 +198,7 @@ class UNet(nn.Module):
   num_classes: int = 0
   patch_size: int = 1
   adaptive_weight: bool = False
+  two_times: bool = False
   dtype: Dtype = jnp.float32
 
   def _check(self, x_BHWC: jax.Array, labels_B: Optional[jax.Array]) -> None:
@@ -225,10 +226,16 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array, c_noise_B: jax.Array, labels_B: Optional[jax.Array] = None,
-               train: bool = False, return_adaptive_weight: bool = False):
+               train: bool = False, return_adaptive_weight: bool = False,
+               c_noise2_B: Optional[jax.Array] = None):
     """F (float32, the shape of x_BHWC); with return_adaptive_weight, (F, phi_B) where phi_B (B,) float32 is
-    the adaptive-weight head of c_noise alone (model.adaptive_weight)."""
+    the adaptive-weight head of c_noise alone (model.adaptive_weight). A network with model.two_times takes a
+    second time c_noise2_B (B,) (MeanFlow's t - r), embedded as c_noise is by its own MLP, the two summed."""
     self._check(x_BHWC, labels_B)
+    if self.two_times != (c_noise2_B is not None):
+      raise ValueError('a network with config.model.two_times = True takes a second time c_noise2_B (and only '
+                       f'such a network does); two_times = {self.two_times}, c_noise2_B given: '
+                       f'{c_noise2_B is not None}.')
     embedders = {
         'fourier': lambda: FourierEmbedding(self.ch, self.fourier_scale),
         'positional': lambda: PositionalEmbedding(self.ch, self.positional_scale),
@@ -238,6 +245,10 @@ class UNet(nn.Module):
     temb_BE = embedders[self.embedding]()(c_noise_B)
     temb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32)(temb_BE)
     temb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32)(nn.silu(temb_BE))
+    if self.two_times:  # MeanFlow's interval t - r: its own embedding and MLP (as the official DiT's h_embedder).
+      hemb_BE = embedders[self.embedding]()(c_noise2_B)
+      hemb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32, name='interval_dense_0')(hemb_BE)
+      temb_BE = temb_BE + nn.Dense(4 * self.ch, dtype=jnp.float32, name='interval_dense_1')(nn.silu(hemb_BE))
     if self.class_conditional:
       temb_BE = temb_BE + nn.Embed(self.num_classes, 4 * self.ch, dtype=jnp.float32, name='class_embed')(labels_B)
     # sCM's adaptive loss weight phi(t) (config.model.adaptive_weight): created whenever the option is on, so

@@ -115,19 +115,21 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str], xla_note: str 
     fail(describe(e), code, at_once=True)
 
 
-def fail(message: str, code: int, at_once: bool = False) -> None:
+def fail(message: str, code: int, at_once: bool = False, skip_shutdown: bool = False) -> None:
   """Prints `PROGRAM: error: MESSAGE` as one line on stderr and exits with `code`.
 
   at_once: exit without the interpreter's shutdown (os._exit), whose clean-up of background threads that the
   failure left behind (a checkpoint write refused by a full disk has a dozen) prints their errors after ours.
-  Callers use it only once their own clean-up (waiting for saves, closing files) has run.
+  Callers use it only once their own clean-up (waiting for saves, closing files) has run. A multi-process run
+  still exits normally then, to shut jax.distributed down, unless `skip_shutdown` (another process is gone: the
+  shutdown would wait for it, then abort).
   """
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
   sys.stderr.write(f'{program_name()}: error: {one_line(message)}\n')
   sys.stderr.flush()
-  if at_once and not _distributed():  # A multi-process run shuts jax.distributed down at exit: let it.
+  if skip_shutdown or (at_once and not _distributed()):
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 

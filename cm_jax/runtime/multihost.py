@@ -164,19 +164,13 @@ def set_resume_advice(advice: Optional[Callable[[], str]]) -> None:
 def lost_process_exit(what: str) -> None:
   """Prints `PROGRAM: error: WHAT. ADVICE` as one line and ends this process at once, exit 1: without
   jax.distributed's shutdown, which would wait for the lost process and then abort with a C++ stack trace."""
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   from cm_jax.runtime import cli  # pylint: disable=g-import-not-at-top
   advice = 'Run the same command again on every host'
   try:
     advice += f': {_RESUME_ADVICE[0]()}' if _RESUME_ADVICE else '.'
   except Exception:  # pylint: disable=broad-except
     advice += '.'
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.write(f'{cli.program_name()}: error: {cli.one_line(what)}. {advice}\n')
-  sys.stderr.flush()
-  os._exit(errors.FAILURE)  # pylint: disable=protected-access
+  cli.fail(f'{what}. {advice}', errors.FAILURE, skip_shutdown=True)
 
 
 # Errors of a collective or of the coordination service when another process is gone.
