@@ -169,8 +169,9 @@ def sample_from_keys(denoiser: Denoiser, params: Any, keys: jax.Array, shape_BHW
   times: None for sampler.times, else a (steps - 1,) array of intermediate times used instead (traced).
   labels_B: the class of each sample for a class-conditional model, else None.
   """
-  z, noise = sampling.draw_noise(keys, shape_BHWC, len(sampler.times))
-  if sampler.name == 'meanflow':  # denoiser is the run's meanflow.FlowMap; z is the noise at t = 1.
+  flow = sampler.name == 'meanflow'  # Its jumps re-noise nothing: only z (the same z whatever the count).
+  z, noise = sampling.draw_noise(keys, shape_BHWC, 0 if flow else len(sampler.times))
+  if flow:  # denoiser is the run's meanflow.FlowMap; z is the noise at t = 1.
     times = jnp.asarray(sampler.times if times is None else times, z.dtype)
     grid = jnp.concatenate([jnp.ones((1,), z.dtype), times, jnp.zeros((1,), z.dtype)])
     for i in range(sampler.steps):
