@@ -173,6 +173,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(lc.mf_t_std > 0 and lc.mf_r_std > 0, 'loss.mf_t_std', 'mf_t_std and mf_r_std must be > 0.')
     _require(lc.mf_norm_p >= 0, 'loss.mf_norm_p', f'must be >= 0 (0: plain L2), got {lc.mf_norm_p}.')
     _require(lc.mf_norm_c > 0, 'loss.mf_norm_c', f'must be > 0 (MeanFlow: 1e-3 on CIFAR-10), got {lc.mf_norm_c}.')
+  _require(not mc.get('null_class', False) or mc.class_conditional, 'model.null_class',
+           'needs a class-conditional model (model.class_conditional = True): the null label is one more class.')
+  dropout, omega, kappa = lc.get('mf_class_dropout', 0.0), lc.get('mf_cfg_omega', 1.0), lc.get('mf_cfg_kappa', 0.0)
+  guided = omega != 1.0 or kappa != 0.0
+  if dropout or guided:
+    _require(lc.name == 'meanflow', 'loss.mf_class_dropout' if dropout else 'loss.mf_cfg_omega',
+             f"classifier-free guidance folded into training is MeanFlow's (loss.name = 'meanflow'), not "
+             f'{lc.name!r}; leave mf_class_dropout = 0, mf_cfg_omega = 1 and mf_cfg_kappa = 0.')
+    _require(0.0 <= dropout < 1.0, 'loss.mf_class_dropout', f'must lie in [0, 1), got {dropout}.')
+    _require(mc.class_conditional and mc.get('null_class', False), 'loss.mf_class_dropout',
+             'drops labels to the null class: set --config.model.class_conditional=True and '
+             '--config.model.null_class=True.')
+  if guided:
+    _require(dropout > 0, 'loss.mf_cfg_omega', f'guidance (omega = {omega}, kappa = {kappa}) mixes in the network\'s '
+             'unconditional velocity, which only rows with the null label train: set loss.mf_class_dropout > 0 '
+             '(the paper: 0.1).')
+    _require(omega > 0 and 0.0 <= kappa < 1.0, 'loss.mf_cfg_kappa', f'needs omega > 0 and 0 <= kappa < 1 (the '
+             f'guidance scale is omega / (1 - kappa)), got omega = {omega}, kappa = {kappa}.')
+    t_min, t_max = lc.get('mf_cfg_t_min', 0.0), lc.get('mf_cfg_t_max', 1.0)
+    _require(0.0 <= t_min < t_max <= 1.0, 'loss.mf_cfg_t_min', f'the guidance interval needs 0 <= mf_cfg_t_min < '
+             f'mf_cfg_t_max <= 1, got [{t_min}, {t_max}].')
   if lc.name in ('edm', 'ect', 'sct', 'scd', 'meanflow'):
     _require(lc.target == 'stopgrad', 'loss.target',
              f"loss.name = {lc.name!r} has no target network; leave loss.target = 'stopgrad'.")

@@ -73,9 +73,10 @@ class LoadedModel:
     """The class labels int32 (num,) that sampling with these arguments uses (None: unconditional model).
 
     labels: None draws them uniformly (label i depends only on (seed, i)), an int gives every sample that
-    class, an array gives one label per sample.
+    class, an array gives one label per sample. A network trained with a null label (model.null_class, MeanFlow's
+    guidance) also takes label num_classes: its unconditional, unguided samples.
     """
-    return samplers.resolve_labels(self.num_classes, num, seed, labels)
+    return samplers.resolve_labels(self.num_classes, num, seed, labels, samplers.null_label(self.config.model))
 
   def sample_float(self, num: int, steps: Optional[int] = None, ts: Optional[Sequence[float]] = None,
                    seed: int = 0, batch_size: int = 256, sampler: Optional[str] = None,

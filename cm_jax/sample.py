@@ -52,7 +52,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_integer('batch_size', 256, 'Samples per device call; lower it if memory runs out.')
   flags.DEFINE_integer('grid', 100, 'How many samples go into the PNG grid (0: none).')
-  flags.DEFINE_integer('class_label', None, 'Class-conditional models: sample only this class (default: labels '
+  flags.DEFINE_integer('class_label', None, 'Class-conditional models: sample only this class (num_classes: the '
+                       'null label of a network trained with model.null_class; default: labels '
                        'drawn uniformly, label i depending only on (seed, i)).')
 
 

@@ -320,11 +320,20 @@ def draw_labels(num_classes: int, num: int, seed: int) -> Optional[np.ndarray]:
   return np.random.default_rng((seed, 0x1abe1)).integers(0, num_classes, num).astype(np.int32)
 
 
-def resolve_labels(num_classes: int, num: int, seed: int, labels: LabelsArg = None) -> Optional[np.ndarray]:
+def null_label(model_config: ml_collections.ConfigDict) -> Optional[int]:
+  """The label meaning "no class" (model.num_classes) of a network with model.null_class; else None."""
+  if model_config.class_conditional and model_config.get('null_class', False):
+    return int(model_config.num_classes)
+  return None
+
+
+def resolve_labels(num_classes: int, num: int, seed: int, labels: LabelsArg = None,
+                   null: Optional[int] = None) -> Optional[np.ndarray]:
   """The labels of `num` samples: drawn uniformly (None), one class for all (an int), or as given (an array).
 
-  num_classes: the model's (`num_classes(config.model)`; 0 for an unconditional model). Raises ValueError for
-  labels given to an unconditional model and for labels outside [0, num_classes).
+  num_classes: the model's (`num_classes(config.model)`; 0 for an unconditional model). null: the model's null
+  label (`null_label(config.model)`), also accepted when given. Raises ValueError for labels given to an
+  unconditional model and for labels outside [0, num_classes) other than `null`.
   """
   if not num_classes:
     if labels is not None:
@@ -336,9 +345,10 @@ def resolve_labels(num_classes: int, num: int, seed: int, labels: LabelsArg = No
   out = np.full((num,), labels, np.int32) if np.ndim(labels) == 0 else np.asarray(labels, np.int32)
   if out.shape != (num,):
     raise ValueError(f'Expected one class label per sample ({num}), got an array of shape {out.shape}.')
-  if out.size and (out.min() < 0 or out.max() >= k):
-    bad = sorted({int(v) for v in out if not 0 <= v < k})[:10]
-    raise ValueError(f'Class labels must lie in [0, {k}) (model.num_classes = {k}); got {bad}.')
+  bad = sorted({int(v) for v in out if not 0 <= v < k and v != null})[:10]
+  if bad:
+    also = '' if null is None else f', or be {null}, the null label (unconditional, model.null_class)'
+    raise ValueError(f'Class labels must lie in [0, {k}) (model.num_classes = {k}){also}; got {bad}.')
   return out
 
 

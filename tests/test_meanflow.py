@@ -7,6 +7,7 @@ u*(z_t, r, t) = (z_t - z_r) / (t - r); the marginal velocity is v*(z, t) = -mu +
 (z - (1 - t) mu).
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -334,4 +335,112 @@ def test_meanflow_config_checks():
   ct = test_config.get_config()
   ct.model.two_times = True
   with pytest.raises(errors.ConfigError, match='config.model.two_times'):
+    config_validation.validate(ct)
+
+
+# ------------------------------------------------------------------------------------ Guidance folded into training.
+def test_guided_velocity_at_its_fixed_point_is_guidance_of_scale_omega_over_one_minus_kappa():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  v, u_null = jax.random.normal(k1, (5, 4)), jax.random.normal(k2, (5, 4))
+  for omega, kappa in ((1.0, 0.5), (0.2, 0.92), (2.0, 0.0), (1.5, 0.3)):
+    fixed = u_null + omega / (1.0 - kappa) * (v - u_null)  # What a network trained to the guided field returns.
+    np.testing.assert_allclose(mf.guided_velocity(v, fixed, u_null, omega, kappa), fixed, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(mf.guided_velocity(v, None, u_null, 1.0, 0.0), v)  # omega 1, kappa 0: no guidance.
+
+
+class _LabelAffine(nn.Module):
+  """u = a z + emb[label] + w0 t + w1 (t - r): every term of the guided target computable by hand."""
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, z, t, labels_B=None, train=False, c_noise2_B=None):
+    a = self.param('a', lambda k, s: jnp.asarray(0.7, jnp.result_type(float)), ())
+    emb = self.param('emb', lambda k, s: jnp.arange(s[0], dtype=jnp.result_type(float)) * 0.3 - 0.5,
+                     (self.num_labels,))
+    w = self.param('w', lambda k, s: jnp.asarray([0.4, -0.9], jnp.result_type(float)), (2,))
+    return a * z + (emb[labels_B] + w[0] * t + w[1] * c_noise2_B)[:, None, None, None]
+
+
+def test_guided_loss_matches_the_target_computed_by_hand_and_guidance_carries_no_gradient(x64):
+  classes, batch = 4, 256
+  s = settings(norm_p=0.0, class_dropout=0.3, cfg_omega=1.5, cfg_kappa=0.4, cfg_t_min=0.2, cfg_t_max=0.9,
+               null_label=classes)
+  flow = mf.FlowMap(_LabelAffine(classes + 1))
+  params = flow.model.init(jax.random.PRNGKey(0), jnp.zeros((2, 2, 2, 1)), jnp.zeros((2,)),
+                           labels_B=jnp.zeros((2,), jnp.int32), c_noise2_B=jnp.zeros((2,)))['params']
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  x0 = jax.random.uniform(k1, (batch, 2, 2, 1), jnp.float64, -1, 1)
+  labels = jax.random.randint(k2, (batch,), 0, classes)
+  rng = jax.random.PRNGKey(4)
+
+  # The draws of the loss, then the guided target by hand with the parameters as constants.
+  rng_times, rng_noise, _ = jax.random.split(rng, 3)
+  t, r = mf.sample_times(rng_times, batch, s, jnp.float64)
+  e = jax.random.normal(rng_noise, x0.shape, jnp.float64)
+  dropped = np.asarray(jax.random.uniform(jax.random.fold_in(rng, 3), (batch,)) < s.class_dropout)
+  inside = (np.asarray(t) >= 0.2) & (np.asarray(t) <= 0.9) & ~dropped
+  assert dropped.sum() > 30 and inside.sum() > 30 and (~inside & ~dropped).sum() > 10  # Every kind of row.
+  lab = np.where(dropped, classes, np.asarray(labels))
+  a, emb, w = (np.asarray(params[k], np.float64) for k in ('a', 'emb', 'w'))
+  t_, r_, z = np.asarray(t)[:, None, None, None], np.asarray(r)[:, None, None, None], None
+  z = (1 - t_) * np.asarray(x0) + t_ * np.asarray(e)
+  v = np.asarray(e) - np.asarray(x0)
+  u_null = a * z + (emb[classes] + w[0] * t_)
+  u_cond = a * z + (emb[lab][:, None, None, None] + w[0] * t_)
+  v_g = np.where(inside[:, None, None, None], 1.5 * v + 0.4 * u_cond + (1 - 1.5 - 0.4) * u_null, v)
+  target = v_g - (t_ - r_) * (a * v_g + w[0] + w[1])  # du/dt along (v_g, 0, 1).
+
+  def by_hand(p):
+    u = p['a'] * z + (p['emb'][lab][:, None, None, None] + p['w'][0] * t_ + p['w'][1] * (t_ - r_))
+    return jnp.mean(jnp.sum(jnp.square(u - target), axis=(1, 2, 3)))
+
+  loss_fn = lambda p: mf.meanflow_loss(p, None, x0, 0, rng, labels_B=labels, flow=flow, settings=s)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(float(loss), float(by_hand(params)), rtol=1e-10)
+  assert float(metrics['frac_null_label']) == pytest.approx(dropped.mean())
+  # The guidance terms sit inside the stop-gradient target: the gradient is that of the constant-target loss.
+  for key, g in jax.grad(by_hand)(params).items():
+    np.testing.assert_allclose(grads[key], g, rtol=1e-9, atol=1e-12)
+  # Without guidance the same draws give another loss (the guided rows changed it).
+  plain = dataclasses.replace(s, cfg_omega=1.0, cfg_kappa=0.0)
+  assert abs(float(mf.meanflow_loss(params, None, x0, 0, rng, labels_B=labels, flow=flow, settings=plain)[0])
+             - float(loss)) > 1e-3 * float(loss)
+
+
+def test_a_class_conditional_bfloat16_run_with_guidance_trains_and_samples_each_class(tmp_path):
+  from cm_jax import inference  # pylint: disable=g-import-not-at-top
+  from cm_jax import train  # pylint: disable=g-import-not-at-top
+  config = _tiny_run_config(**{'model.class_conditional': True, 'model.null_class': True,
+                               'loss.mf_class_dropout': 0.1, 'loss.mf_cfg_omega': 1.0, 'loss.mf_cfg_kappa': 0.5,
+                               'training.precision': 'bfloat16'})
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4 and state.params['class_embed']['embedding'].shape[0] == 11  # 10 classes + null.
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+  model = inference.load(str(tmp_path))
+  labels = np.array([0, 3, 9, 10])  # 10: the null label (unguided, unconditional).
+  images = model.sample_float(4, steps=1, seed=3, labels=labels)
+  assert images.shape == (4, 28, 28, 1) and np.isfinite(images).all()
+  assert not np.allclose(images[0], images[1])
+
+
+def test_guidance_config_checks():
+  from cm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from cm_jax.runtime import errors  # pylint: disable=g-import-not-at-top
+  cond = {'model.class_conditional': True, 'model.null_class': True}
+  config_validation.validate(_tiny_run_config(**cond, **{'loss.mf_class_dropout': 0.1, 'loss.mf_cfg_kappa': 0.5}))
+  for overrides, field in (({'model.null_class': True}, 'model.null_class'),
+                           ({'model.class_conditional': True, 'loss.mf_class_dropout': 0.1},
+                            'loss.mf_class_dropout'),
+                           (dict(cond, **{'loss.mf_class_dropout': 1.0}), 'loss.mf_class_dropout'),
+                           (dict(cond, **{'loss.mf_cfg_omega': 2.0}), 'loss.mf_cfg_omega'),
+                           (dict(cond, **{'loss.mf_class_dropout': 0.1, 'loss.mf_cfg_kappa': 1.0}),
+                            'loss.mf_cfg_kappa'),
+                           (dict(cond, **{'loss.mf_class_dropout': 0.1, 'loss.mf_cfg_omega': 2.0,
+                                          'loss.mf_cfg_t_min': 0.8, 'loss.mf_cfg_t_max': 0.5}),
+                            'loss.mf_cfg_t_min')):
+    with pytest.raises(errors.ConfigError, match=f'config.{field}'):
+      config_validation.validate(_tiny_run_config(**overrides))
+  ct = test_config.get_config()
+  ct.model.class_conditional, ct.model.null_class, ct.loss.mf_class_dropout = True, True, 0.1
+  with pytest.raises(errors.ConfigError, match="MeanFlow's"):
     config_validation.validate(ct)

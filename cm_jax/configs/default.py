@@ -103,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.adaptive_weight = False
   model.two_times = False         # A second time input (MeanFlow's interval t - r), embedded like the first by its
                                   # own MLP and added to the time embedding; loss.name = 'meanflow' needs it.
+  model.null_class = False        # Class-conditional networks: one more label, index num_classes, meaning "no
+                                  # class" (classifier-free guidance; loss.mf_class_dropout trains it).
 
   # ---------------------------------------------------------------------------------------------
   # loss: the training objective. Defaults: iCT. For CM (2023) CT: schedule='adaptive',
@@ -164,6 +166,18 @@ def get_config() -> ml_collections.ConfigDict:
   loss.mf_ratio_r_neq_t = 0.75
   loss.mf_norm_p = 0.75
   loss.mf_norm_c = 1e-3
+  # MeanFlow's classifier-free guidance folded into training (class-conditional runs with model.null_class; the
+  # paper's ImageNet runs). A fraction mf_class_dropout of the rows trains with the null label and the plain
+  # target; in the other rows with mf_cfg_t_min <= t <= mf_cfg_t_max the velocity v (the jvp's tangent and the
+  # target's first term) becomes v_g = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null),
+  # the u terms from the online network without dropout, under stop-gradient. One-step samples then carry the
+  # guidance of scale omega / (1 - kappa) at no sampling cost. omega = 1, kappa = 0: no guidance (no extra call).
+  # The paper's ImageNet B/2: dropout 0.1, omega 1.0, kappa 0.5, interval [0, 1]; XL/2: omega 0.2, kappa 0.92, [0, 0.75].
+  loss.mf_class_dropout = 0.0
+  loss.mf_cfg_omega = 1.0
+  loss.mf_cfg_kappa = 0.0
+  loss.mf_cfg_t_min = 0.0
+  loss.mf_cfg_t_max = 1.0
 
   # ---------------------------------------------------------------------------------------------
   # teacher: the EDM run that 'cd' distils and 'ect' starts from (a cm_jax workdir trained with loss.name='edm').

@@ -295,7 +295,10 @@ def make_loss(config: ml_collections.ConfigDict, image_shape: tuple[int, int, in
     settings = meanflow.MeanFlowSettings(
         t_mean=float(lc.mf_t_mean), t_std=float(lc.mf_t_std), r_mean=float(lc.mf_r_mean), r_std=float(lc.mf_r_std),
         ratio_r_neq_t=float(lc.mf_ratio_r_neq_t), order=str(lc.mf_time_order), norm_p=float(lc.mf_norm_p),
-        norm_c=float(lc.mf_norm_c))
+        norm_c=float(lc.mf_norm_c), class_dropout=float(lc.get('mf_class_dropout', 0.0)),
+        cfg_omega=float(lc.get('mf_cfg_omega', 1.0)), cfg_kappa=float(lc.get('mf_cfg_kappa', 0.0)),
+        cfg_t_min=float(lc.get('mf_cfg_t_min', 0.0)), cfg_t_max=float(lc.get('mf_cfg_t_max', 1.0)),
+        null_label=int(config.model.num_classes) if config.model.get('null_class', False) else -1)
     flow = denoiser if isinstance(denoiser, meanflow.FlowMap) else meanflow.FlowMap(denoiser.model)
     return Loss(functools.partial(meanflow.meanflow_loss, flow=flow, settings=settings), None)
 

@@ -73,6 +73,17 @@ class MeanFlowSettings:
   order: str                     # 'sort' | 'min' (see the module docstring).
   norm_p: float                  # Adaptive weight 1 / (||err||^2 + norm_c)^norm_p.
   norm_c: float
+  # Classifier-free guidance folded into training (class-conditional networks with a null label; see guided_velocity).
+  class_dropout: float = 0.0     # Fraction of rows trained with the null label (and the plain target).
+  cfg_omega: float = 1.0         # v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)
+  cfg_kappa: float = 0.0
+  cfg_t_min: float = 0.0         # Guidance only where cfg_t_min <= t <= cfg_t_max.
+  cfg_t_max: float = 1.0
+  null_label: int = -1           # The null label (model.num_classes); -1: the network has none.
+
+  @property
+  def guided(self) -> bool:
+    return self.cfg_omega != 1.0 or self.cfg_kappa != 0.0
 
 
 def logit_normal(rng, shape, mean: float, std: float, dtype=jnp.float32):
@@ -130,6 +141,16 @@ def meanflow_target(u_fn: Callable, z_t, r_B, t_B, v):
   return u, jax.lax.stop_gradient(v - _bcast(t_B - r_B, z_t) * du_dt)
 
 
+def guided_velocity(v, u_cond, u_null, omega: float, kappa: float):
+  """MeanFlow's training-time guidance (its Eq. 21): omega v + kappa u_cond + (1 - omega - kappa) u_null, where
+  u_cond = u(z_t, t, t | c) and u_null = u(z_t, t, t | null) are the network's instantaneous velocities (r = t).
+  With the network at the guided field's fixed point (u_cond = v_g at r = t), v_g = omega v + kappa v_g +
+  (1 - omega - kappa) u_null, i.e. v_g = u_null + omega / (1 - kappa) (v - u_null): guidance of scale
+  omega / (1 - kappa). u_cond may be None when kappa = 0."""
+  out = omega * v + (1.0 - omega - kappa) * u_null
+  return out if kappa == 0.0 else out + kappa * u_cond
+
+
 def adaptive_weighted(sq_err_B, p: float, c: float):
   """sq_err / sg((sq_err + c)^p), per example."""
   return sq_err_B / jax.lax.stop_gradient(jnp.power(sq_err_B + c, p))
@@ -143,21 +164,40 @@ def meanflow_loss(params, target_params, x0_BHWC, step_, rng, teacher_params=Non
   In float32 the prediction is the jvp's primal (one network call, as the official code). Under bfloat16 the
   prediction is a separate call in the compute dtype with the SAME dropout key (same mask), and the jvp, the
   target and the loss run in float32 on the parameters under stop_gradient.
+
+  Class-conditional runs (labels_B) may fold classifier-free guidance into training (settings.class_dropout,
+  cfg_*; the paper's ImageNet recipe): the dropped rows take the null label and the plain velocity; in the other
+  rows inside the guidance interval v becomes guided_velocity(...) (float32 network calls without dropout under
+  stop-gradient), as the jvp's tangent and in the target.
   """
   del target_params, teacher_params, step_
   batch = x0_BHWC.shape[0]
   rng_times, rng_noise, rng_dropout = jax.random.split(rng, 3)
+  rng_labels = jax.random.fold_in(rng, 3)  # Its own stream: runs without class dropout draw as before.
   dtype = jnp.promote_types(x0_BHWC.dtype, jnp.float32)  # float32 (float64 in the oracle tests), never bf16.
   x0 = x0_BHWC.astype(dtype)
   t_B, r_B = sample_times(rng_times, batch, settings, dtype)
   e = jax.random.normal(rng_noise, x0.shape, dtype)
   z_t, v = interpolate(x0, e, t_B), conditional_velocity(x0, e)
+  v_plain = v
 
   exact = flow.in_float32()
+  frozen = jax.lax.stop_gradient(params)
+  dropped_B = jnp.zeros((batch,), bool)
+  if labels_B is not None and settings.class_dropout > 0:  # The null label trains the unconditional field.
+    dropped_B = jax.random.uniform(rng_labels, (batch,)) < settings.class_dropout
+    labels_B = jnp.where(dropped_B, settings.null_label, labels_B)
+  if settings.guided:  # v -> v_g in the rows that keep their label and whose t lies in the guidance interval.
+    null_B = jnp.full((batch,), settings.null_label, jnp.int32)
+    u_null = exact(frozen, z_t, t_B, t_B, None, null_B)
+    u_cond = exact(frozen, z_t, t_B, t_B, None, labels_B) if settings.cfg_kappa != 0.0 else None
+    v_g = guided_velocity(v, u_cond, u_null, settings.cfg_omega, settings.cfg_kappa)
+    inside_B = (t_B >= settings.cfg_t_min) & (t_B <= settings.cfg_t_max) & ~dropped_B
+    v = jax.lax.stop_gradient(jnp.where(_bcast(inside_B, v), v_g.astype(dtype), v))
+
   if exact is flow:  # float32 network: one call gives the prediction and the tangent.
     u, target = meanflow_target(lambda z, r, t: flow(params, z, r, t, rng_dropout, labels_B), z_t, r_B, t_B, v)
   else:
-    frozen = jax.lax.stop_gradient(params)
     _, target = meanflow_target(lambda z, r, t: exact(frozen, z, r, t, rng_dropout, labels_B), z_t, r_B, t_B, v)
     u = flow(params, z_t, r_B, t_B, rng_dropout, labels_B)
   err = u.astype(dtype) - target.astype(dtype)
@@ -166,11 +206,13 @@ def meanflow_loss(params, target_params, x0_BHWC, step_, rng, teacher_params=Non
   metrics = {
       'loss': loss,
       'sq_err': jnp.mean(sq_B),  # Unweighted ||u - target||^2, summed over pixels.
-      'v_err': jnp.mean(jnp.sum(jnp.square(u.astype(dtype) - v), axis=tuple(range(1, err.ndim)))),
+      'v_err': jnp.mean(jnp.sum(jnp.square(u.astype(dtype) - v_plain), axis=tuple(range(1, err.ndim)))),
       'frac_r_eq_t': jnp.mean((r_B == t_B).astype(dtype)),
       'mean_t': jnp.mean(t_B),
       'mean_t_minus_r': jnp.mean(t_B - r_B),
   }
+  if settings.class_dropout > 0 and labels_B is not None:
+    metrics['frac_null_label'] = jnp.mean(dropped_B.astype(dtype))
   return loss, metrics
 
 

@@ -196,6 +196,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   class_conditional: bool = False
   num_classes: int = 0
+  null_class: bool = False
   patch_size: int = 1
   adaptive_weight: bool = False
   two_times: bool = False
@@ -210,6 +211,8 @@ class UNet(nn.Module):
                          'int class labels of shape (batch,).')
       if labels_B.shape != x_BHWC.shape[:1]:
         raise ValueError(f'labels_B has shape {labels_B.shape}; expected ({x_BHWC.shape[0]},).')
+    elif self.null_class:
+      raise ValueError('config.model.null_class = True needs a class-conditional model (model.class_conditional).')
     elif labels_B is not None:
       raise ValueError('this model is unconditional (config.model.class_conditional = False): labels_B must be '
                        'None.')
@@ -250,7 +253,9 @@ class UNet(nn.Module):
       hemb_BE = nn.Dense(4 * self.ch, dtype=jnp.float32, name='interval_dense_0')(hemb_BE)
       temb_BE = temb_BE + nn.Dense(4 * self.ch, dtype=jnp.float32, name='interval_dense_1')(nn.silu(hemb_BE))
     if self.class_conditional:
-      temb_BE = temb_BE + nn.Embed(self.num_classes, 4 * self.ch, dtype=jnp.float32, name='class_embed')(labels_B)
+      # With null_class, label num_classes means "no class" (classifier-free guidance).
+      temb_BE = temb_BE + nn.Embed(self.num_classes + int(self.null_class), 4 * self.ch, dtype=jnp.float32,
+                                   name='class_embed')(labels_B)
     # sCM's adaptive loss weight phi(t) (config.model.adaptive_weight): created whenever the option is on, so
     # that its parameters exist from initialisation; returned only when asked.
     phi_B = AdaptiveWeight(name='adaptive_weight')(c_noise_B) if self.adaptive_weight else None
