@@ -185,7 +185,8 @@ def summary_row(minutes: float, records: dict) -> dict:
   row = {'minutes': minutes}
   for system, record in records.items():
     for s in record['scores']:
-      name = {'consistency': f'{s["steps"]}step', 'external': 'heun18'}.get(s['sampler'], s['sampler'])
+      name = {'consistency': f'{s["steps"]}step', 'meanflow': f'{s["steps"]}step',  # One column per step count.
+              'external': 'heun18'}.get(s['sampler'], s['sampler'])
       row[f'{system}_{name}_fd'] = round(s['classifier_fd'], 2)
   return row
 

@@ -119,3 +119,11 @@ def test_bad_flags_are_one_error_line(tmp_path):
     assert out.stdout == ''
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('time_to_quality.py: error: ') and message in last, (args, last)
+
+
+def test_summary_row_has_one_column_per_sampler_and_step_count():
+  records = {'cm_jax': {'scores': [{'sampler': 'meanflow', 'steps': 1, 'classifier_fd': 56.04},
+                                   {'sampler': 'meanflow', 'steps': 2, 'classifier_fd': 57.4}]},
+             'pytorch': {'scores': [{'sampler': 'external', 'steps': 35, 'classifier_fd': 70.7}]}}
+  assert time_to_quality.summary_row(30.0, records) == {
+      'minutes': 30.0, 'cm_jax_1step_fd': 56.04, 'cm_jax_2step_fd': 57.4, 'pytorch_heun18_fd': 70.7}

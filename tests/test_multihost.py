@@ -452,3 +452,40 @@ def test_a_lost_process_stops_the_others_in_seconds_with_one_line(tmp_path, how,
   assert last.startswith('cm_jax.train: error: ') and re.search(r'resumes from step \d+', last), last
   assert ('process 1' if victim == 1 else 'process 0') in last, last
   assert 'Fatal Python error' not in output and 'Check failure' not in output, output[-3000:]
+
+
+class _SlowStore:
+  """A key-value store whose first read blocks for a while (a starved coordinator); records every call."""
+
+  def __init__(self, block_s: float):
+    self.calls, self.block_s, self.blocked = [], block_s, False
+    self.lock = __import__('threading').Lock()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    with self.lock:
+      self.calls.append(('set', key, value))
+
+  def key_value_try_get(self, key):
+    with self.lock:
+      self.calls.append(('get', key))
+      first = not self.blocked
+      self.blocked = True
+    if first:
+      time.sleep(self.block_s)
+    return '1'
+
+
+def test_watchdog_makes_no_store_call_after_its_finished_mark():
+  """finish() (at exit, before jax.distributed shuts its client down) waits for a round of store calls in flight
+  even past the thread's join timeout: its FINISHED mark is the last call the store sees."""
+  store = _SlowStore(block_s=1.5)
+  dog = multihost.Watchdog(timeout_s=60, interval_s=0.01, join_timeout_s=0.1)
+  dog.watch(store, me=0, count=4)  # Three others: a round reads three keys.
+  deadline = time.time() + 10
+  while not store.blocked:
+    assert time.time() < deadline
+    time.sleep(0.01)
+  dog.finish()
+  time.sleep(0.3)  # Any call the thread would still make lands here.
+  assert store.calls[-1] == ('set', 'cm_jax/alive/0', 'finished'), store.calls[-5:]
+  assert sum(1 for c in store.calls if c[0] == 'get') == 3  # The round in flight completed; no new round.

@@ -224,9 +224,9 @@ class PreparedDataset:
     fix = f'rerun `python -m cm_jax.prepare` with the same flags to finish {out}.'
     n, shape = int(meta['num_examples']), tuple(int(d) for d in meta['image_shape'])
     if not os.path.exists(os.path.join(out, 'COMPLETE')):
-      done = len(_chunks_done(out, _num_chunks(n, int(meta['chunk']))))
-      raise PreparedDataError(f'data.prepared_dir = {out} is unfinished ({done} of '
-                              f'{_num_chunks(n, int(meta["chunk"]))} chunks); {fix}')
+      num_chunks = _num_chunks(n, int(meta['chunk']))
+      done = len(_chunks_done(out, num_chunks))
+      raise PreparedDataError(f'data.prepared_dir = {out} is unfinished ({done} of {num_chunks} chunks); {fix}')
     if shape != (size, size, 3):
       raise errors.ConfigError(f'config.data.image_size: {size} does not match the prepared images of {out} '
                                f'({shape[0]}x{shape[1]}); set --config.data.image_size={shape[0]} or prepare the '

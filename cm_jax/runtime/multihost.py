@@ -13,7 +13,7 @@ from __future__ import annotations
 import atexit
 import signal
 import threading
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from absl import flags
 from absl import logging
@@ -200,8 +200,8 @@ class Watchdog:
   increments every second) and watches the others': when one has not moved for `timeout_s`, or the store
   itself is gone (process 0, which serves it, is lost), this process stops with lost_process_exit."""
 
-  def __init__(self, timeout_s: float, interval_s: float = 1.0):
-    self.timeout_s, self.interval_s = timeout_s, interval_s
+  def __init__(self, timeout_s: float, interval_s: float = 1.0, join_timeout_s: float = 10.0):
+    self.timeout_s, self.interval_s, self.join_timeout_s = timeout_s, interval_s, join_timeout_s
 
   def start(self) -> None:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
@@ -210,48 +210,69 @@ class Watchdog:
       logging.warning('This JAX (%s) exposes no key-value store: a lost process is noticed only after JAX\'s '
                       'heartbeat timeout.', jax.__version__)
       return
-    self._me, self._count = jax.process_index(), jax.process_count()
-    self._stop = threading.Event()
     # Stopped before jax.distributed's own shutdown (atexit runs the last registered first): past the shutdown
     # barrier, process 0 closes the key-value store while the others may still be exiting. A process that ends
     # says so first, so that the others, which may finish minutes later on a loaded host, do not take it for lost.
     atexit.register(self.finish)
+    self.watch(self._client, jax.process_index(), jax.process_count())
+
+  def watch(self, client: Any, me: int, count: int) -> None:
+    """Starts the thread on `client` (jax.distributed's, or a stand-in in tests) as process `me` of `count`."""
+    self._client, self._me, self._count = client, me, count
+    self._stop = threading.Event()
+    # Held around each of the thread's rounds of store calls: once finish() holds it, the thread makes no further
+    # call, so none reaches the client while (or after) jax.distributed shuts it down.
+    self._lock, self._closed = threading.Lock(), False
     self._thread = threading.Thread(target=self._run, name='cm_jax_watchdog', daemon=True)
     self._thread.start()
 
   def finish(self) -> None:
     self._stop.set()
-    self._thread.join(timeout=10)  # Its last write must not come after ours.
+    self._thread.join(timeout=self.join_timeout_s)
+    # A thread still inside a store call (a starved or unresponsive coordinator) finishes that call first; after
+    # it, _closed stops it for good, and its last write cannot come after ours.
+    held = self._lock.acquire(timeout=30)
+    self._closed = True
     try:
       self._client.key_value_set(f'cm_jax/alive/{self._me}', _FINISHED, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass  # The store is gone (process 0 ended first): nobody is watching any more.
+    finally:
+      if held:
+        self._lock.release()
 
   def _run(self) -> None:
     import time  # pylint: disable=g-import-not-at-top
     beats = 0
     seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
     while not self._stop.is_set():
-      try:
-        beats += 1
-        self._client.key_value_set(f'cm_jax/alive/{self._me}', str(beats), allow_overwrite=True)
-        now = time.monotonic()
-        for p, (value, since) in list(seen.items()):
-          current = self._client.key_value_try_get(f'cm_jax/alive/{p}')
-          if current == _FINISHED:  # It ended normally (it is waiting in jax.distributed's shutdown).
-            del seen[p]
-          elif current != value:
-            seen[p] = (current, now)
-          elif now - since > self.timeout_s:
-            lost_process_exit(f'process {p} of {self._count} stopped responding (no sign of life for '
-                              f'{now - since:.0f} s, --lost_process_timeout={self.timeout_s:g}: killed, preempted, '
-                              'or its host lost)')
-      except Exception as e:  # pylint: disable=broad-except
-        if 'NOT_FOUND' in str(e):  # Not yet written by a process still starting: no news yet.
-          pass
-        elif not self._stop.is_set():
-          lost_process_exit(f'lost contact with process 0, which coordinates this run ({" ".join(str(e).split())[:160]})')
+      with self._lock:
+        if self._closed:
+          return
+        self._check(beats := beats + 1, seen)
       self._stop.wait(self.interval_s)
+
+  def _check(self, beats: int, seen: dict) -> None:
+    """Writes this process's sign of life and checks the others' (called under self._lock)."""
+    import time  # pylint: disable=g-import-not-at-top
+    try:
+      self._client.key_value_set(f'cm_jax/alive/{self._me}', str(beats), allow_overwrite=True)
+      now = time.monotonic()
+      for p, (value, since) in list(seen.items()):
+        current = self._client.key_value_try_get(f'cm_jax/alive/{p}')
+        if current == _FINISHED:  # It ended normally (it is waiting in jax.distributed's shutdown).
+          del seen[p]
+        elif current != value:
+          seen[p] = (current, now)
+        elif now - since > self.timeout_s:
+          lost_process_exit(f'process {p} of {self._count} stopped responding (no sign of life for '
+                            f'{now - since:.0f} s, --lost_process_timeout={self.timeout_s:g}: killed, preempted, '
+                            'or its host lost)')
+    except Exception as e:  # pylint: disable=broad-except
+      if 'NOT_FOUND' in str(e):  # Not yet written by a process still starting: no news yet.
+        pass
+      elif not self._stop.is_set():
+        lost_process_exit(f'lost contact with process 0, which coordinates this run ({" ".join(str(e).split())[:160]})')
 
 
 # ------------------------------------------------------------------------------------------------
