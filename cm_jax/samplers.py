@@ -345,8 +345,11 @@ def resolve_labels(num_classes: int, num: int, seed: int, labels: LabelsArg = No
   out = np.full((num,), labels, np.int32) if np.ndim(labels) == 0 else np.asarray(labels, np.int32)
   if out.shape != (num,):
     raise ValueError(f'Expected one class label per sample ({num}), got an array of shape {out.shape}.')
-  bad = sorted({int(v) for v in out if not 0 <= v < k and v != null})[:10]
-  if bad:
+  outside = (out < 0) | (out >= k)
+  if null is not None:
+    outside &= out != null
+  if outside.any():
+    bad = sorted(set(out[outside].tolist()))[:10]
     also = '' if null is None else f', or be {null}, the null label (unconditional, model.null_class)'
     raise ValueError(f'Class labels must lie in [0, {k}) (model.num_classes = {k}){also}; got {bad}.')
   return out

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -459,7 +460,7 @@ class _SlowStore:
 
   def __init__(self, block_s: float):
     self.calls, self.block_s, self.blocked = [], block_s, False
-    self.lock = __import__('threading').Lock()
+    self.lock = threading.Lock()
 
   def key_value_set(self, key, value, allow_overwrite=False):
     with self.lock:
