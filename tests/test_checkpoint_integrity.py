@@ -30,6 +30,7 @@ from cm_jax import train
 from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
 from cm_jax.runtime import sharding
+import tiny_runs
 
 # When one chunk of a damaged checkpoint fails to read, Orbax abandons the reads of the others, which Python then
 # reports as never-awaited coroutines: noise from the damage these tests make on purpose.
@@ -235,9 +236,7 @@ def test_newest_readable_propagates_errors_that_are_not_damage():
 # A tiny trained run (checkpoints at steps 2 and 4), and ways to damage its newest checkpoint.
 # --------------------------------------------------------------------------------------------------
 def tiny_config():
-  config = test_config.get_config()
-  config.data.source = 'local'
-  return config
+  return tiny_runs.tiny_config(local_data=True)
 
 
 @pytest.fixture(scope='module')

@@ -15,22 +15,17 @@ from cm_jax import inference
 from cm_jax import teacher as teacher_lib
 from cm_jax import train
 from cm_jax import train_state as ts
-from cm_jax.configs import test as test_config
 import checkpoint_utils
+import tiny_runs
 
 MOCK_EXAMPLES = 40
 
 
 def tiny(loss_name, teacher_dir=None, **overrides):
-  config = test_config.get_config(loss_name)
-  config.data.name = 'mnist'
-  config.data.source = 'tfds'
-  config.teacher.workdir = teacher_dir
+  config = tiny_runs.tiny_config(loss_name, **{'data.name': 'mnist', 'data.source': 'tfds',
+                                                'teacher.workdir': teacher_dir, **overrides})
   if loss_name != 'edm':
     config.seed = 1  # Another seed than the teacher's: a random init of the student differs from the teacher's.
-  for dotted, value in overrides.items():
-    group, key = dotted.split('.')
-    config[group][key] = value
   return config
 
 

@@ -18,22 +18,17 @@ from cm_jax import checkpointing
 from cm_jax import config_validation
 from cm_jax import train
 from cm_jax import train_state as ts
-from cm_jax.configs import test as test_config
 from cm_jax.runtime import errors
 from cm_jax.train_step import param_max_abs
 import checkpoint_utils
+import tiny_runs
 
 WHERE = '/runs/r/checkpoints'
 LIMIT = 1e4
 
 
 def tiny_config(**overrides):
-  config = test_config.get_config()
-  config.data.source = 'local'  # The Fashion-MNIST IDX files: no TFDS, no download.
-  for dotted, value in overrides.items():
-    section, field = dotted.split('.')
-    config[section][field] = value
-  return config
+  return tiny_runs.tiny_config(local_data=True, **overrides)  # The Fashion-MNIST IDX files: no TFDS, no download.
 
 
 def metrics(loss=0.5, grad_norm=1.0, w=1.5):

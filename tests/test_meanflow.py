@@ -21,6 +21,8 @@ from cm_jax import models
 from cm_jax.configs import test as test_config
 from cm_jax.core import meanflow as mf
 
+import tiny_runs
+
 MU, S = 0.3, 0.6
 
 
@@ -264,12 +266,7 @@ def test_short_gaussian_training_moves_towards_the_average_velocity():
 
 # ------------------------------------------------------------------------------------ End to end.
 def _tiny_run_config(**overrides):
-  config = test_config.get_config('meanflow')
-  config.data.name, config.data.source = 'fashion_mnist', 'local'  # The real IDX files (offline path).
-  for dotted, value in overrides.items():
-    group, key = dotted.split('.')
-    config[group][key] = value
-  return config
+  return tiny_runs.tiny_config('meanflow', local_data=True, **overrides)  # The real IDX files (offline path).
 
 
 @pytest.fixture(scope='module')
@@ -284,7 +281,7 @@ def test_a_meanflow_run_trains_resumes_and_samples(meanflow_run, tmp_path, preem
   from cm_jax import edit  # pylint: disable=g-import-not-at-top
   from cm_jax import inference  # pylint: disable=g-import-not-at-top
   from cm_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train import tree_equal  # pylint: disable=g-import-not-at-top
+  from tiny_runs import tree_equal  # pylint: disable=g-import-not-at-top
   workdir, state = meanflow_run
   assert int(state.step) == 4 and state.target_params is None and 'interval_dense_1' in state.params
   preempt_at(2)

@@ -24,6 +24,7 @@ from cm_jax import train_state as ts
 from cm_jax.configs import test as test_config
 from cm_jax.core import losses
 from cm_jax.runtime import multihost
+import tiny_runs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60  # Long enough that a SIGTERM sent after the step-10 checkpoint lands before the end.
@@ -211,15 +212,9 @@ def signal_at_step(monkeypatch, step: int, signum: int, where: str = 'batch') ->
 
 
 def tiny(num_steps: int, **overrides):
-  config = test_config.get_config()
-  config.data.name, config.data.source = 'fashion_mnist', 'local'
-  config.training.num_steps = num_steps
-  config.training.checkpoint_every = 100
-  config.training.eval_every = 100
-  for k, v in overrides.items():
-    section, name = k.split('.')
-    config[section][name] = v
-  return config
+  return tiny_runs.tiny_config(local_data=True, **{'training.num_steps': num_steps,
+                                                   'training.checkpoint_every': 100, 'training.eval_every': 100,
+                                                   **overrides})
 
 
 @pytest.fixture(scope='module')

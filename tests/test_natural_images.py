@@ -17,7 +17,8 @@ from cm_jax import train
 from cm_jax.configs import test as test_config
 from cm_jax.core import denoiser as denoiser_lib
 from cm_jax.evaluation import evaluator
-from test_train import tiny_config, tree_equal
+from tiny_runs import tiny_config
+from tiny_runs import tree_equal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {'blue': (20, 40, 220), 'red': (220, 30, 20)}  # Sorted folder order: blue = 0, red = 1.

@@ -13,25 +13,10 @@ import tensorflow_datasets as tfds
 from cm_jax import checkpointing
 from cm_jax import inference
 from cm_jax import train
-from cm_jax.configs import test as test_config
 from cm_jax.core import losses
 
-
-def tiny_config(**overrides):
-  config = test_config.get_config()
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def tree_equal(a, b) -> bool:
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(leaves_a) == len(leaves_b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+from tiny_runs import tiny_config
+from tiny_runs import tree_equal
 
 
 @pytest.fixture(scope='module')
