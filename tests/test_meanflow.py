@@ -20,7 +20,6 @@ import pytest
 from cm_jax import models
 from cm_jax.configs import test as test_config
 from cm_jax.core import meanflow as mf
-
 import tiny_runs
 
 MU, S = 0.3, 0.6
@@ -281,14 +280,13 @@ def test_a_meanflow_run_trains_resumes_and_samples(meanflow_run, tmp_path, preem
   from cm_jax import edit  # pylint: disable=g-import-not-at-top
   from cm_jax import inference  # pylint: disable=g-import-not-at-top
   from cm_jax import train  # pylint: disable=g-import-not-at-top
-  from tiny_runs import tree_equal  # pylint: disable=g-import-not-at-top
   workdir, state = meanflow_run
   assert int(state.step) == 4 and state.target_params is None and 'interval_dense_1' in state.params
   preempt_at(2)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(_tiny_run_config(), str(tmp_path / 'resumed'))
   resumed = train.train_and_evaluate(_tiny_run_config(), str(tmp_path / 'resumed'))
-  assert tree_equal(state.params, resumed.params) and tree_equal(state.opt_state, resumed.opt_state)
+  assert tiny_runs.tree_equal(state.params, resumed.params) and tiny_runs.tree_equal(state.opt_state, resumed.opt_state)
 
   model = inference.load(workdir)
   assert model.is_flow_model and not model.is_diffusion_model and isinstance(model.denoiser, mf.FlowMap)
