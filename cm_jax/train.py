@@ -206,6 +206,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
         logging.warning('Stopped by %s after step %d; saved its checkpoint in %s. Run the same command to '
                         'resume from it.', stop_signal.signal_name, done, checkpointing.checkpoint_dir(workdir))
         break
+    else:
+      if stop_signal.signal_name is not None:  # It came after the last step's check: that step ended the run.
+        logging.warning('Stopped by %s after step %d, the last one: training is complete; its checkpoint is in %s.',
+                        stop_signal.signal_name, tc.num_steps, checkpointing.checkpoint_dir(workdir))
     logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)), time.time() - t0)
   return state
 

@@ -1,5 +1,6 @@
 """End-to-end training: mock TFDS data, the real offline Fashion-MNIST files, exact resume, failure modes."""
 
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from cm_jax import checkpointing
 from cm_jax import inference
 from cm_jax import train
 from cm_jax.core import losses
+from cm_jax.runtime import multihost
 
 from tiny_runs import tiny_config
 from tiny_runs import tree_equal
@@ -128,6 +130,28 @@ def test_non_finite_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path, monk
   model = inference.load(str(tmp_path))
   for leaf in jax.tree.leaves(model.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_a_signal_during_the_last_step_ends_the_run_complete_and_says_so(tmp_path, monkeypatch, caplog):
+  """SIGINT after the last step's stop check (while its samples are written): nothing is left to stop, so the
+  run ends with all its steps and its final checkpoint, and says it was stopped after the last step."""
+  reached = multihost.StopSignal.reached
+  calls = []
+
+  def signal_after_the_last_check(self):
+    answer = reached(self)
+    calls.append(answer)
+    if len(calls) == 4:  # The last of the 4 steps: the signal lands just after this check.
+      self.signal_name = 'SIGINT'
+    return answer
+
+  monkeypatch.setattr(multihost.StopSignal, 'reached', signal_after_the_last_check)
+  config = tiny_config(**{'data.source': 'local', 'training.num_steps': 4})
+  with caplog.at_level(logging.WARNING):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4 and calls == [False] * 4
+  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2, 4]
+  assert 'Stopped by SIGINT after step 4, the last one: training is complete' in caplog.text, caplog.text
 
 
 def test_bad_config_errors_name_the_field(tmp_path):
