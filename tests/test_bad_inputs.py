@@ -186,7 +186,7 @@ def _cases():
       Case('evaluate_num_zero', 'evaluate', [run, '--num=0'], 2, ('--num',)),
       Case('evaluate_samples_without_images', 'evaluate', ['--samples={tmp}/empty.npz', '--dataset=fashion_mnist'],
            1, ('empty.npz', 'no images')),
-      Case('evaluate_start_t_below_two_step_t', 'evaluate', [run, '--start_t=1', '--steps=2', '--num=4'], 2,
+      Case('evaluate_start_t_below_two_step_t', 'evaluate', [run, '--start_t=0.05', '--steps=2', '--num=4'], 2,
            ('sampling.two_step_t', '--ts')),
   ]
 

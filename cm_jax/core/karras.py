@@ -49,12 +49,18 @@ def c_skip(sigma, sigma_data: float, sigma_min: float):
 
 def c_out(sigma, sigma_data: float, sigma_min: float):
   """sigma_data (sigma - eps) / sqrt(sigma_data^2 + sigma^2); exactly 0 at sigma = eps."""
-  return sigma_data * (sigma - sigma_min) / jnp.sqrt(sigma_data**2 + sigma**2)
+  return sigma_data * (sigma - sigma_min) * jax.lax.rsqrt(sigma_data**2 + sigma**2)
 
 
 def c_in(sigma, sigma_data: float):
-  """1 / sqrt(sigma^2 + sigma_data^2)."""
-  return 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
+  """1 / sqrt(sigma^2 + sigma_data^2).
+
+  Both reciprocal square roots are written as rsqrt: XLA rewrites 1 / sqrt(v) to rsqrt(v) in some programs
+  and not in others (it did in the one-device sampler and not in the same sampler partitioned over two
+  devices), and the two differ by an ulp for some v (sigma = 0.06), so the same sample came out in different
+  bits on one device and on several. Spelled rsqrt, every program computes the same thing.
+  """
+  return jax.lax.rsqrt(sigma**2 + sigma_data**2)
 
 
 def c_noise(sigma):
