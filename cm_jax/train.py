@@ -176,7 +176,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
       read_pending()  # Never save a state whose update failed check_update (non-finite or exploded).
       checkpointing.save(manager, state, config, data_fingerprint)
 
-    t0 = time.time()
+    t0, finished = time.time(), False
     for step in range(start_step, tc.num_steps):
       state, metrics = p_train_step(state, global_batch(step), teacher_params)
       read_pending()  # The previous step's, while this one runs.
@@ -207,10 +207,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signal: multiho
                         'resume from it.', stop_signal.signal_name, done, checkpointing.checkpoint_dir(workdir))
         break
     else:
-      if stop_signal.signal_name is not None:  # It came after the last step's check: that step ended the run.
-        logging.warning('Stopped by %s after step %d, the last one: training is complete; its checkpoint is in %s.',
-                        stop_signal.signal_name, tc.num_steps, checkpointing.checkpoint_dir(workdir))
+      finished = True
     logging.info('Trained steps %d..%d in %.1f s.', start_step, int(jax.device_get(state.step)), time.time() - t0)
+  # Closed above: the final checkpoint is written. A signal that came after the last step's stop check (while
+  # its samples or that checkpoint were written) found nothing left to stop: the last step ended the run.
+  if finished and stop_signal.signal_name is not None:
+    logging.warning('Stopped by %s after step %d, the last one: training is complete; its checkpoint is in %s.',
+                    stop_signal.signal_name, tc.num_steps, checkpointing.checkpoint_dir(workdir))
   return state
 
 
